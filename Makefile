@@ -1,0 +1,98 @@
+# flashtier: one build, no configure step.
+#
+#   make                 build build/flashtierd
+#   make run             install missing packages, build, run the built-in demo
+#   make check           unit, integration and interop tests
+#   make check SANITIZE=1  the same under ASan+UBSan (separate build tree)
+#   make bench           benchmarks (tests/bench), not part of check
+#   make install         PREFIX=/usr/local DESTDIR=
+
+PREFIX  ?= /usr/local
+SBINDIR ?= $(PREFIX)/sbin
+DATADIR ?= $(PREFIX)/share
+MANDIR  ?= $(DATADIR)/man
+
+PKGS := liburing libnbd jansson libmicrohttpd
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+
+CC      ?= cc
+WARN    := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
+           -Wno-missing-field-initializers
+CFLAGS  ?= -O2 -g
+CFLAGS  += -std=gnu11 $(WARN) -D_GNU_SOURCE -Iinclude $(PKG_CFLAGS) -pthread -MMD -MP
+LDLIBS  += $(PKG_LIBS) -pthread
+
+ifeq ($(SANITIZE),1)
+BUILD   ?= build/sanitize
+CFLAGS  += -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+LDFLAGS += -fsanitize=address,undefined
+else
+BUILD   ?= build
+endif
+
+LIB_SRCS := $(wildcard agent/*.c agent/*/*.c cache/*.c cache/*/*.c replication/*.c replication/*/*.c)
+LIB_SRCS := $(filter-out agent/main.c,$(LIB_SRCS))
+LIB_OBJS := $(LIB_SRCS:%.c=$(BUILD)/%.o)
+LIB      := $(BUILD)/libflashtier.a
+AGENT    := $(BUILD)/flashtierd
+
+UNIT_SRCS := $(wildcard tests/unit/*.c)
+UNIT_BINS := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/unit/%)
+INTEG_SRCS := $(wildcard tests/integration/*.c)
+INTEG_BINS := $(INTEG_SRCS:tests/integration/%.c=$(BUILD)/tests/integration/%)
+TEST_LIBS := -lcriterion
+
+.PHONY: all run check check-unit check-integration bench install uninstall clean format deps
+
+all: $(AGENT)
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c -o $@ $<
+
+$(LIB): $(LIB_OBJS)
+	@mkdir -p $(dir $@)
+	$(AR) rcs $@ $^
+
+$(AGENT): $(BUILD)/agent/main.o $(LIB)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/tests/unit/%: tests/unit/%.c $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIB) $(LDLIBS) $(TEST_LIBS)
+
+$(BUILD)/tests/integration/%: tests/integration/%.c tests/integration/harness.h $(LIB)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(LIB) $(LDLIBS) $(TEST_LIBS)
+
+deps:
+	@./contrib/install-deps.sh
+
+run: deps
+	@$(MAKE) --no-print-directory all
+	exec ./$(AGENT)
+
+check: $(AGENT) $(UNIT_BINS) $(INTEG_BINS)
+	@BUILD=$(BUILD) AGENT=$(abspath $(AGENT)) tests/run-tests.sh
+
+bench: $(AGENT)
+	AGENT=$(abspath $(AGENT)) tests/bench/nbd-passthrough.sh
+
+install: $(AGENT)
+	install -D -m 0755 $(AGENT) $(DESTDIR)$(SBINDIR)/flashtierd
+	install -D -m 0644 contrib/flashtierd.example.json $(DESTDIR)$(DATADIR)/flashtier/flashtierd.example.json
+	install -D -m 0644 contrib/flashtierd.service $(DESTDIR)$(DATADIR)/flashtier/flashtierd.service
+	install -D -m 0644 contrib/flashtierd.8 $(DESTDIR)$(MANDIR)/man8/flashtierd.8
+
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/flashtierd $(DESTDIR)$(MANDIR)/man8/flashtierd.8
+	rm -rf $(DESTDIR)$(DATADIR)/flashtier
+
+format:
+	clang-format -i $$(git ls-files '*.c' '*.h')
+
+clean:
+	rm -rf build
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

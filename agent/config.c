@@ -1,0 +1,445 @@
+/* SPDX-License-Identifier: MIT */
+#include <errno.h>
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "flashtier/config.h"
+#include "flashtier/nbd_proto.h"
+
+#define MAX_REACTORS 256
+
+const char ft_config_builtin[] = "{\n"
+				 "  \"listen\": \"var/flashtierd.sock\",\n"
+				 "  \"metrics\": \"127.0.0.1:9810\",\n"
+				 "  \"volumes\": {\n"
+				 "    \"disk0\": {\n"
+				 "      \"backing\": \"var/disk0.img\",\n"
+				 "      \"description\": \"flashtier built-in demo volume\"\n"
+				 "    }\n"
+				 "  }\n"
+				 "}\n";
+
+struct parse_ctx {
+	const char *origin;
+	char *err;
+	size_t err_len;
+};
+
+static int fail(struct parse_ctx *p, const char *key, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static int fail(struct parse_ctx *p, const char *key, const char *fmt, ...)
+{
+	char reason[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(reason, sizeof(reason), fmt, ap);
+	va_end(ap);
+	if (key)
+		snprintf(p->err, p->err_len, "%s: key '%s': %s", p->origin, key, reason);
+	else
+		snprintf(p->err, p->err_len, "%s: %s", p->origin, reason);
+	return -EINVAL;
+}
+
+void ft_listen_addr_clear(struct ft_listen_addr *a)
+{
+	free(a->path);
+	free(a->host);
+	free(a->port);
+	memset(a, 0, sizeof(*a));
+}
+
+static int parse_port(const char *s)
+{
+	char *end;
+	long v;
+
+	if (*s == '\0')
+		return -EINVAL;
+	errno = 0;
+	v = strtol(s, &end, 10);
+	if (errno || *end != '\0' || v < 1 || v > 65535)
+		return -EINVAL;
+	return 0;
+}
+
+int ft_config_parse_hostport(const char *s, struct ft_listen_addr *out)
+{
+	const char *colon, *host = s;
+	size_t host_len;
+
+	memset(out, 0, sizeof(*out));
+	if (s[0] == '[') {
+		const char *close = strchr(s, ']');
+
+		if (!close || close[1] != ':')
+			return -EINVAL;
+		host = s + 1;
+		host_len = (size_t)(close - host);
+		colon = close + 1;
+	} else {
+		colon = strrchr(s, ':');
+		if (!colon)
+			return -EINVAL;
+		host_len = (size_t)(colon - s);
+		if (memchr(s, ':', host_len))
+			return -EINVAL; /* bare IPv6 needs brackets */
+	}
+	if (host_len == 0 || parse_port(colon + 1) < 0)
+		return -EINVAL;
+	out->kind = FT_ADDR_TCP;
+	out->host = strndup(host, host_len);
+	out->port = strdup(colon + 1);
+	if (!out->host || !out->port) {
+		ft_listen_addr_clear(out);
+		return -ENOMEM;
+	}
+	return 0;
+}
+
+int ft_config_parse_listen(const char *s, struct ft_listen_addr *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (strncmp(s, "tcp:", 4) == 0)
+		return ft_config_parse_hostport(s + 4, out);
+	if (strncmp(s, "unix:", 5) == 0)
+		s += 5;
+	if (*s == '\0')
+		return -EINVAL;
+	/* sockaddr_un.sun_path is 108 bytes including the NUL. */
+	if (strlen(s) >= 108)
+		return -ENAMETOOLONG;
+	out->kind = FT_ADDR_UNIX;
+	out->path = strdup(s);
+	return out->path ? 0 : -ENOMEM;
+}
+
+/* Fetch an optional string member; a present non-string is an error. */
+static int get_string(struct parse_ctx *p, json_t *obj, const char *key, const char *label,
+		      bool required, const char **out)
+{
+	json_t *v = json_object_get(obj, key);
+
+	*out = NULL;
+	if (!v) {
+		if (required)
+			return fail(p, label, "is required");
+		return 0;
+	}
+	if (!json_is_string(v))
+		return fail(p, label, "must be a string");
+	*out = json_string_value(v);
+	if (strlen(*out) != json_string_length(v))
+		return fail(p, label, "must not contain NUL characters");
+	return 0;
+}
+
+static int check_keys(struct parse_ctx *p, json_t *obj, const char *prefix,
+		      const char *const *allowed)
+{
+	const char *key;
+	json_t *v;
+
+	json_object_foreach(obj, key, v)
+	{
+		bool known = false;
+
+		for (const char *const *a = allowed; *a; a++)
+			if (strcmp(*a, key) == 0)
+				known = true;
+		if (!known) {
+			char label[512];
+
+			snprintf(label, sizeof(label), "%s%s", prefix, key);
+			return fail(p, label, "unknown key");
+		}
+	}
+	return 0;
+}
+
+static int check_backing_path(struct parse_ctx *p, const char *label, const char *path,
+			      bool readonly)
+{
+	struct stat st;
+
+	if (stat(path, &st) < 0)
+		return fail(p, label, "cannot use '%s': %s", path, strerror(errno));
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+		return fail(p, label, "'%s' is not a regular file or block device", path);
+	if (access(path, readonly ? R_OK : R_OK | W_OK) < 0)
+		return fail(p, label, "'%s' is not %s: %s", path,
+			    readonly ? "readable" : "readable and writable", strerror(errno));
+	return 0;
+}
+
+static int parse_volume(struct parse_ctx *p, const char *name, json_t *obj,
+			struct ft_volume_config *vol, bool check_paths)
+{
+	static const char *const allowed[] = { "backing", "readonly", "description", "domain",
+					       NULL };
+	char prefix[NBD_MAX_STRING + 32], label[NBD_MAX_STRING + 64];
+	const char *backing, *desc, *domain;
+	json_t *ro;
+	int rc;
+
+	snprintf(prefix, sizeof(prefix), "volumes.%s.", name);
+	if (!json_is_object(obj)) {
+		snprintf(label, sizeof(label), "volumes.%s", name);
+		return fail(p, label, "must be an object");
+	}
+	rc = check_keys(p, obj, prefix, allowed);
+	if (rc < 0)
+		return rc;
+
+	snprintf(label, sizeof(label), "%sbacking", prefix);
+	rc = get_string(p, obj, "backing", label, true, &backing);
+	if (rc < 0)
+		return rc;
+	if (*backing == '\0')
+		return fail(p, label, "must not be empty");
+
+	snprintf(label, sizeof(label), "%sreadonly", prefix);
+	ro = json_object_get(obj, "readonly");
+	if (ro && !json_is_boolean(ro))
+		return fail(p, label, "must be true or false");
+	vol->readonly = ro && json_is_true(ro);
+
+	snprintf(label, sizeof(label), "%sdescription", prefix);
+	rc = get_string(p, obj, "description", label, false, &desc);
+	if (rc < 0)
+		return rc;
+	if (desc && strlen(desc) > NBD_MAX_STRING)
+		return fail(p, label, "longer than %u bytes", NBD_MAX_STRING);
+
+	snprintf(label, sizeof(label), "%sdomain", prefix);
+	rc = get_string(p, obj, "domain", label, false, &domain);
+	if (rc < 0)
+		return rc;
+
+	snprintf(label, sizeof(label), "%sbacking", prefix);
+	if (strstr(backing, "://")) {
+		if (strncmp(backing, "nbd://", 6) != 0 && strncmp(backing, "nbd+unix://", 11) != 0)
+			return fail(p, label,
+				    "unsupported URI '%s' (use nbd:// or nbd+unix://, or a path)",
+				    backing);
+		vol->backing_kind = FT_BACKING_NBD;
+	} else {
+		vol->backing_kind = FT_BACKING_FILE;
+		if (check_paths) {
+			rc = check_backing_path(p, label, backing, vol->readonly);
+			if (rc < 0)
+				return rc;
+		}
+	}
+
+	vol->name = strdup(name);
+	vol->backing = strdup(backing);
+	vol->description = desc ? strdup(desc) : NULL;
+	vol->domain = domain ? strdup(domain) : NULL;
+	if (!vol->name || !vol->backing || (desc && !vol->description) ||
+	    (domain && !vol->domain))
+		return fail(p, NULL, "out of memory");
+	return 0;
+}
+
+static int parse_root(struct parse_ctx *p, json_t *root, struct ft_config *cfg, bool check_paths)
+{
+	static const char *const allowed[] = { "listen", "metrics", "reactors", "log_level",
+					       "volumes", NULL };
+	const char *s, *name;
+	json_t *v, *vols;
+	size_t i;
+	int rc;
+
+	if (!json_is_object(root))
+		return fail(p, NULL, "top level must be a JSON object");
+	rc = check_keys(p, root, "", allowed);
+	if (rc < 0)
+		return rc;
+
+	rc = get_string(p, root, "listen", "listen", true, &s);
+	if (rc < 0)
+		return rc;
+	rc = ft_config_parse_listen(s, &cfg->listen);
+	if (rc == -ENAMETOOLONG)
+		return fail(p, "listen", "socket path longer than 107 bytes");
+	if (rc < 0)
+		return fail(p, "listen", "'%s' is neither a unix socket path nor tcp:HOST:PORT", s);
+
+	rc = get_string(p, root, "metrics", "metrics", false, &s);
+	if (rc < 0)
+		return rc;
+	if (s) {
+		if (ft_config_parse_hostport(s, &cfg->metrics) < 0)
+			return fail(p, "metrics", "'%s' is not HOST:PORT", s);
+		cfg->has_metrics = true;
+	}
+
+	v = json_object_get(root, "reactors");
+	if (v) {
+		if (!json_is_integer(v) || json_integer_value(v) < 1 ||
+		    json_integer_value(v) > MAX_REACTORS)
+			return fail(p, "reactors", "must be an integer from 1 to %d", MAX_REACTORS);
+		cfg->reactors = (unsigned)json_integer_value(v);
+	}
+
+	rc = get_string(p, root, "log_level", "log_level", false, &s);
+	if (rc < 0)
+		return rc;
+	if (s) {
+		if (ft_log_parse_level(s, &cfg->log_level) < 0)
+			return fail(p, "log_level", "'%s' is not error, warn, info or debug", s);
+		cfg->has_log_level = true;
+	}
+
+	vols = json_object_get(root, "volumes");
+	if (!vols)
+		return fail(p, "volumes", "is required");
+	if (!json_is_object(vols))
+		return fail(p, "volumes", "must be an object mapping export names to volumes");
+	if (json_object_size(vols) == 0)
+		return fail(p, "volumes", "must define at least one volume");
+	cfg->volumes = calloc(json_object_size(vols), sizeof(*cfg->volumes));
+	if (!cfg->volumes)
+		return fail(p, NULL, "out of memory");
+	i = 0;
+	json_object_foreach(vols, name, v)
+	{
+		if (strlen(name) > NBD_MAX_STRING)
+			return fail(p, "volumes", "export name longer than %u bytes",
+				    NBD_MAX_STRING);
+		rc = parse_volume(p, name, v, &cfg->volumes[i], check_paths);
+		cfg->n_volumes = ++i; /* so ft_config_free() sees partial entries */
+		if (rc < 0)
+			return rc;
+	}
+	return 0;
+}
+
+int ft_config_parse(const char *text, const char *origin, bool check_paths, struct ft_config **out,
+		    char *err, size_t err_len)
+{
+	struct parse_ctx p = { .origin = origin, .err = err, .err_len = err_len };
+	struct ft_config *cfg;
+	json_error_t jerr;
+	json_t *root;
+	int rc;
+
+	*out = NULL;
+	root = json_loads(text, JSON_REJECT_DUPLICATES, &jerr);
+	if (!root) {
+		/* jansson says "duplicate object key" with the key in 'near'. */
+		if (strstr(jerr.text, "duplicate object key")) {
+			const char *near = strstr(jerr.text, "near '");
+
+			snprintf(err, err_len, "%s:%d:%d: duplicate key %s", origin, jerr.line,
+				 jerr.column, near ? near + 5 : "");
+		} else {
+			snprintf(err, err_len, "%s:%d:%d: invalid JSON: %s", origin, jerr.line,
+				 jerr.column, jerr.text);
+		}
+		return -EINVAL;
+	}
+	cfg = calloc(1, sizeof(*cfg));
+	if (!cfg) {
+		json_decref(root);
+		return fail(&p, NULL, "out of memory");
+	}
+	cfg->path = strdup(origin);
+	rc = cfg->path ? parse_root(&p, root, cfg, check_paths) : fail(&p, NULL, "out of memory");
+	json_decref(root);
+	if (rc < 0) {
+		ft_config_free(cfg);
+		return rc;
+	}
+	*out = cfg;
+	return 0;
+}
+
+int ft_config_load(const char *path, struct ft_config **out, char *err, size_t err_len)
+{
+	FILE *f = fopen(path, "re");
+	char *text = NULL;
+	size_t len = 0, cap = 0;
+	int rc;
+
+	*out = NULL;
+	if (!f) {
+		snprintf(err, err_len, "%s: cannot open: %s", path, strerror(errno));
+		return -errno;
+	}
+	for (;;) {
+		if (cap - len < 4096) {
+			char *n;
+
+			if (cap > (16u << 20)) {
+				fclose(f);
+				free(text);
+				snprintf(err, err_len, "%s: larger than 16 MiB", path);
+				return -EFBIG;
+			}
+			n = realloc(text, cap + 65536);
+			if (!n) {
+				fclose(f);
+				free(text);
+				snprintf(err, err_len, "%s: out of memory", path);
+				return -ENOMEM;
+			}
+			text = n;
+			cap += 65536;
+		}
+		size_t got = fread(text + len, 1, cap - len - 1, f);
+		len += got;
+		if (got == 0)
+			break;
+	}
+	if (ferror(f)) {
+		rc = -EIO;
+		snprintf(err, err_len, "%s: read error", path);
+		fclose(f);
+		free(text);
+		return rc;
+	}
+	fclose(f);
+	text[len] = '\0';
+	if (strlen(text) != len) {
+		free(text);
+		snprintf(err, err_len, "%s: contains a NUL byte", path);
+		return -EINVAL;
+	}
+	rc = ft_config_parse(text, path, true, out, err, err_len);
+	free(text);
+	return rc;
+}
+
+void ft_config_free(struct ft_config *cfg)
+{
+	if (!cfg)
+		return;
+	for (size_t i = 0; i < cfg->n_volumes; i++) {
+		free(cfg->volumes[i].name);
+		free(cfg->volumes[i].backing);
+		free(cfg->volumes[i].description);
+		free(cfg->volumes[i].domain);
+	}
+	free(cfg->volumes);
+	ft_listen_addr_clear(&cfg->listen);
+	ft_listen_addr_clear(&cfg->metrics);
+	free(cfg->path);
+	free(cfg);
+}
+
+const struct ft_volume_config *ft_config_find_volume(const struct ft_config *cfg, const char *name)
+{
+	for (size_t i = 0; i < cfg->n_volumes; i++)
+		if (strcmp(cfg->volumes[i].name, name) == 0)
+			return &cfg->volumes[i];
+	return NULL;
+}

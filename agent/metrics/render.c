@@ -1,0 +1,225 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Prometheus text exposition (format 0.0.4). Names follow the project's
+ * conventions: prefix flashtier_, base units (bytes, seconds), _total on
+ * counters, labels volume and domain.
+ */
+#include <stddef.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "flashtier/metrics.h"
+#include "flashtier/version.h"
+
+static const char *const op_names[FT_OP_COUNT] = {
+	[FT_OP_READ] = "read",	 [FT_OP_WRITE] = "write",	      [FT_OP_FLUSH] = "flush",
+	[FT_OP_TRIM] = "trim",	 [FT_OP_WRITE_ZEROES] = "write_zeroes", [FT_OP_CACHE] = "cache",
+};
+
+struct out {
+	char *buf;
+	size_t len, cap;
+	bool failed;
+};
+
+static void put(struct out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void put(struct out *o, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	if (o->failed)
+		return;
+	for (;;) {
+		va_start(ap, fmt);
+		n = vsnprintf(o->buf + o->len, o->cap - o->len, fmt, ap);
+		va_end(ap);
+		if (n < 0) {
+			o->failed = true;
+			return;
+		}
+		if ((size_t)n < o->cap - o->len) {
+			o->len += (size_t)n;
+			return;
+		}
+		size_t ncap = o->cap * 2 + (size_t)n;
+		char *nb = realloc(o->buf, ncap);
+
+		if (!nb) {
+			o->failed = true;
+			return;
+		}
+		o->buf = nb;
+		o->cap = ncap;
+	}
+}
+
+/* Label values escape backslash, double quote and newline. */
+static void put_escaped(struct out *o, const char *s)
+{
+	for (; s && *s; s++) {
+		switch (*s) {
+		case '\\':
+			put(o, "\\\\");
+			break;
+		case '"':
+			put(o, "\\\"");
+			break;
+		case '\n':
+			put(o, "\\n");
+			break;
+		default:
+			put(o, "%c", *s);
+		}
+	}
+}
+
+static void put_labels(struct out *o, const struct ft_metrics_volume *v, const char *op)
+{
+	put(o, "{volume=\"");
+	put_escaped(o, v->name);
+	put(o, "\",domain=\"");
+	put_escaped(o, v->domain);
+	put(o, "\"");
+	if (op)
+		put(o, ",op=\"%s\"", op);
+}
+
+static void header(struct out *o, const char *name, const char *type, const char *help)
+{
+	put(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+typedef uint64_t (*op_field_fn)(const struct ft_op_stats *s);
+
+static uint64_t f_requests(const struct ft_op_stats *s)
+{
+	return ft_stat_get(&s->requests);
+}
+static uint64_t f_bytes(const struct ft_op_stats *s)
+{
+	return ft_stat_get(&s->bytes);
+}
+static uint64_t f_errors(const struct ft_op_stats *s)
+{
+	return ft_stat_get(&s->errors);
+}
+
+static void per_op_counter(struct out *o, const struct ft_metrics_volume *vols, size_t n,
+			   const char *name, const char *help, op_field_fn field)
+{
+	header(o, name, "counter", help);
+	for (size_t i = 0; i < n; i++)
+		for (unsigned op = 0; op < FT_OP_COUNT; op++) {
+			put(o, "%s", name);
+			put_labels(o, &vols[i], op_names[op]);
+			put(o, "} %llu\n", (unsigned long long)field(&vols[i].stats->op[op]));
+		}
+}
+
+static void per_volume(struct out *o, const struct ft_metrics_volume *vols, size_t n,
+		       const char *name, const char *type, const char *help, size_t field_offset)
+{
+	header(o, name, type, help);
+	for (size_t i = 0; i < n; i++) {
+		const uint64_t *p =
+			(const uint64_t *)((const char *)vols[i].stats + field_offset);
+
+		put(o, "%s", name);
+		put_labels(o, &vols[i], NULL);
+		put(o, "} %llu\n", (unsigned long long)ft_stat_get(p));
+	}
+}
+
+static void histograms(struct out *o, const struct ft_metrics_volume *vols, size_t n)
+{
+	const char *name = "flashtier_request_duration_seconds";
+
+	header(o, name, "histogram",
+	       "Time from receiving an NBD request to queueing its reply, by operation.");
+	for (size_t i = 0; i < n; i++) {
+		for (unsigned op = 0; op < FT_OP_COUNT; op++) {
+			const struct ft_op_stats *s = &vols[i].stats->op[op];
+			uint64_t cum = 0;
+
+			for (unsigned b = 0; b <= FT_LAT_BUCKETS; b++) {
+				cum += ft_stat_get(&s->lat_bucket[b]);
+				put(o, "%s_bucket", name);
+				put_labels(o, &vols[i], op_names[op]);
+				if (b < FT_LAT_BUCKETS)
+					put(o, ",le=\"%g\"} %llu\n", (double)ft_lat_bucket_ns[b] / 1e9,
+					    (unsigned long long)cum);
+				else
+					put(o, ",le=\"+Inf\"} %llu\n", (unsigned long long)cum);
+			}
+			put(o, "%s_sum", name);
+			put_labels(o, &vols[i], op_names[op]);
+			put(o, "} %.9f\n", (double)ft_stat_get(&s->lat_sum_ns) / 1e9);
+			put(o, "%s_count", name);
+			put_labels(o, &vols[i], op_names[op]);
+			/* Count equals the +Inf bucket, read once so they agree. */
+			put(o, "} %llu\n", (unsigned long long)cum);
+		}
+	}
+}
+
+char *ft_metrics_render(const struct ft_metrics_volume *vols, size_t n,
+			const struct ft_server_stats *srv, size_t *len_out)
+{
+	struct out o = { .cap = 16384 };
+
+	o.buf = malloc(o.cap);
+	if (!o.buf)
+		return NULL;
+	o.buf[0] = '\0';
+
+	header(&o, "flashtier_build_info", "gauge", "Always 1; labels give the agent's version.");
+	put(&o, "flashtier_build_info{version=\"%s\"} 1\n", FLASHTIER_VERSION);
+
+	header(&o, "flashtier_volume_size_bytes", "gauge", "Size of the exported volume.");
+	for (size_t i = 0; i < n; i++) {
+		put(&o, "flashtier_volume_size_bytes");
+		put_labels(&o, &vols[i], NULL);
+		put(&o, "} %llu\n", (unsigned long long)vols[i].size);
+	}
+
+	per_op_counter(&o, vols, n, "flashtier_requests_total",
+		       "NBD requests completed, by operation (errors included).", f_requests);
+	per_op_counter(&o, vols, n, "flashtier_request_bytes_total",
+		       "Bytes read, written, trimmed, zeroed or cached by successful requests.",
+		       f_bytes);
+	per_op_counter(&o, vols, n, "flashtier_request_errors_total",
+		       "NBD requests that completed with an error, by operation.", f_errors);
+	histograms(&o, vols, n);
+	per_volume(&o, vols, n, "flashtier_requests_in_flight", "gauge",
+		   "NBD requests received and not yet answered.",
+		   offsetof(struct ft_volume_stats, in_flight));
+	per_volume(&o, vols, n, "flashtier_invalid_requests_total", "counter",
+		   "NBD requests rejected before reaching the backing store.",
+		   offsetof(struct ft_volume_stats, invalid_requests));
+	per_volume(&o, vols, n, "flashtier_connections", "gauge",
+		   "NBD client connections open on the volume.",
+		   offsetof(struct ft_volume_stats, connections));
+	per_volume(&o, vols, n, "flashtier_connections_total", "counter",
+		   "NBD client connections that entered transmission on the volume.",
+		   offsetof(struct ft_volume_stats, connections_total));
+
+	header(&o, "flashtier_accepted_connections_total", "counter",
+	       "Connections accepted on the NBD socket.");
+	put(&o, "flashtier_accepted_connections_total %llu\n",
+	    (unsigned long long)ft_stat_get(&srv->accepted_total));
+	header(&o, "flashtier_handshake_failures_total", "counter",
+	       "Connections that ended before entering transmission (aborts included).");
+	put(&o, "flashtier_handshake_failures_total %llu\n",
+	    (unsigned long long)ft_stat_get(&srv->handshake_failures_total));
+
+	if (o.failed) {
+		free(o.buf);
+		return NULL;
+	}
+	*len_out = o.len;
+	return o.buf;
+}

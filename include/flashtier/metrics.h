@@ -1,0 +1,103 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Per-volume statistics and the Prometheus /metrics endpoint.
+ *
+ * Each counter has a single writer, the thread that owns it (a volume's
+ * counters: its reactor; the server-wide ones: the accepting reactor), so
+ * updates are plain relaxed atomic stores with no read-modify-write and no
+ * lock. The HTTP thread reads them with relaxed atomic loads: a scrape may
+ * see a request counted in one metric and not yet in another, never a torn
+ * value.
+ */
+#ifndef FLASHTIER_METRICS_H
+#define FLASHTIER_METRICS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "flashtier/config.h"
+
+enum ft_op {
+	FT_OP_READ,
+	FT_OP_WRITE,
+	FT_OP_FLUSH,
+	FT_OP_TRIM,
+	FT_OP_WRITE_ZEROES,
+	FT_OP_CACHE,
+	FT_OP_COUNT,
+};
+
+/* Latency histogram upper bounds, in nanoseconds (+Inf is implicit). */
+#define FT_LAT_BUCKETS 19
+extern const uint64_t ft_lat_bucket_ns[FT_LAT_BUCKETS];
+
+struct ft_op_stats {
+	uint64_t requests;
+	uint64_t bytes;
+	uint64_t errors;
+	uint64_t lat_sum_ns;
+	uint64_t lat_bucket[FT_LAT_BUCKETS + 1]; /* non-cumulative; last is +Inf */
+};
+
+struct ft_volume_stats {
+	struct ft_op_stats op[FT_OP_COUNT];
+	uint64_t in_flight;
+	uint64_t connections;       /* open now */
+	uint64_t connections_total; /* ever attached */
+	uint64_t invalid_requests;  /* rejected by validation (EINVAL, EPERM, ...) */
+};
+
+struct ft_server_stats {
+	uint64_t accepted_total;
+	uint64_t handshake_failures_total;
+};
+
+/* Single-writer updates (owner thread only). */
+static inline void ft_stat_add(uint64_t *p, uint64_t v)
+{
+	__atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) + v, __ATOMIC_RELAXED);
+}
+
+static inline void ft_stat_sub(uint64_t *p, uint64_t v)
+{
+	__atomic_store_n(p, __atomic_load_n(p, __ATOMIC_RELAXED) - v, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t ft_stat_get(const uint64_t *p)
+{
+	return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+/* Record one completed request. Owner thread only. */
+void ft_stats_record(struct ft_volume_stats *s, enum ft_op op, uint64_t bytes, uint64_t lat_ns,
+		     bool error);
+
+/* What the exporter needs to know of one volume. */
+struct ft_metrics_volume {
+	const char *name;
+	const char *domain; /* may be NULL */
+	uint64_t size;
+	const struct ft_volume_stats *stats;
+};
+
+/*
+ * Render every metric in Prometheus text format 0.0.4 into a malloc'd,
+ * NUL-terminated buffer (caller frees). Returns NULL on allocation failure.
+ * Any thread.
+ */
+char *ft_metrics_render(const struct ft_metrics_volume *vols, size_t n,
+			const struct ft_server_stats *srv, size_t *len_out);
+
+struct ft_metrics_http;
+
+/*
+ * Serve /metrics on @addr (FT_ADDR_TCP) from libmicrohttpd's own thread.
+ * @vols and @srv must outlive ft_metrics_http_stop(). Returns 0 or a
+ * negative errno after logging. Main thread only.
+ */
+int ft_metrics_http_start(const struct ft_listen_addr *addr, const struct ft_metrics_volume *vols,
+			  size_t n, const struct ft_server_stats *srv, struct ft_metrics_http **out);
+void ft_metrics_http_stop(struct ft_metrics_http *h);
+
+#endif
