@@ -99,9 +99,18 @@ void conn_enter(struct nbd_conn *c)
 	c->busy++;
 }
 
+/*
+ * Leaving the outermost entry point is the last moment the connection is
+ * ours: free it if finished, or hand it to its volume's reactor (after
+ * which this thread must not touch it again).
+ */
 void conn_leave(struct nbd_conn *c)
 {
-	if (--c->busy == 0)
+	if (--c->busy != 0)
+		return;
+	if (c->state == CS_HANDOFF && !c->dead)
+		conn_try_handoff(c);
+	else
 		conn_maybe_finish(c);
 }
 
@@ -157,8 +166,6 @@ static void send_done(struct nbd_conn *c, int res)
 	}
 	if (c->out_head)
 		conn_flush_send(c);
-	else if (c->state == CS_HANDOFF)
-		conn_try_handoff(c);
 	/* Released requests may un-throttle the reader. */
 	if (c->state == CS_TRANSMISSION && !c->recv_armed)
 		conn_process(c);
@@ -285,6 +292,8 @@ static void conn_recv_arm(struct nbd_conn *c)
 
 	if (c->recv_armed || c->dead || c->state == CS_HANDOFF)
 		return;
+	if (c->rend == CONN_RBUF_SIZE && c->rstart == 0 && !c->payload_req)
+		return; /* cannot happen: every message we buffer is smaller than rbuf */
 	/* A drained or disconnected connection still finishes the payload it is reading. */
 	if (c->read_done && !c->payload_req && c->skip == 0)
 		return;
@@ -402,11 +411,14 @@ static void on_handoff(struct ft_reactor *r, struct ft_msg *m)
 	conn_leave(c);
 }
 
-/* Move to the volume's reactor once no SQE on this ring still points at the connection. */
+/*
+ * Move to the volume's reactor once no SQE on this ring still points at the
+ * connection (the pending send's completion comes back through conn_leave()).
+ */
 static void conn_try_handoff(struct nbd_conn *c)
 {
-	if (c->recv_armed || c->send_armed || c->dead)
-		return; /* on_send() calls back here */
+	if (c->recv_armed || c->send_armed)
+		return;
 	server_conn_unlink(c->srv, c);
 	ft_reactor_release(c->r);
 	c->handoff_msg.fn = on_handoff;
@@ -422,8 +434,7 @@ void conn_enter_transmission(struct nbd_conn *c, struct ft_volume *v)
 {
 	c->vol = v;
 	if (c->r != v->reactor) {
-		c->state = CS_HANDOFF;
-		conn_try_handoff(c);
+		c->state = CS_HANDOFF; /* the outermost conn_leave() moves it */
 		return;
 	}
 	become_transmission(c);
