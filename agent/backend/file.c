@@ -11,6 +11,12 @@
  * FLUSH is fdatasync; FUA is RWF_DSYNC on the write (or fdatasync after a
  * fallocate); TRIM and WRITE_ZEROES are fallocate, with a fallback to
  * writing zeroes when the file system or device cannot.
+ *
+ * Memory-backed files (tmpfs, ramfs) are the one exception to "all I/O
+ * through io_uring": they do not support non-blocking buffered I/O, so
+ * io_uring would hand every read and write to a worker thread, while the
+ * operation itself is a memcpy that can never wait for a device. There,
+ * READ, WRITE and FLUSH run inline on the reactor.
  */
 #include <stddef.h>
 #include <errno.h>
@@ -21,7 +27,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "flashtier/backend.h"
@@ -34,6 +43,7 @@ struct file_backend {
 	int dfd;            /* O_DIRECT descriptor, or -1 */
 	uint32_t dio_align; /* offset, length and memory alignment for dfd */
 	bool is_blk;
+	bool mem_backed;    /* tmpfs/ramfs: READ, WRITE and FLUSH run inline */
 	bool no_punch;      /* PUNCH_HOLE known to be unsupported */
 	bool no_zero_range; /* ZERO_RANGE known to be unsupported */
 };
@@ -73,6 +83,45 @@ static void file_rw_done(struct ft_completion *c, int res, uint32_t flags);
 
 #define BIO_FB(bio) to_fb((bio)->backend)
 
+/*
+ * Inline READ/WRITE for memory-backed files (see the top of this file).
+ * Returns the bio's result: 0 or a negative errno.
+ */
+static int file_rw_inline(struct file_backend *fb, struct ft_bio *bio)
+{
+	bool zeroes = bio->op == FT_BIO_WRITE_ZEROES;
+	int flags = (bio->op != FT_BIO_READ && (bio->flags & FT_BIO_FUA)) ? RWF_DSYNC : 0;
+
+	while (bio->done < bio->len) {
+		uint64_t left = bio->len - bio->done;
+		struct iovec iov = {
+			.iov_base = zeroes ? (void *)ft_zero_buf() : (char *)bio->buf + bio->done,
+			.iov_len = left > (1u << 30) ? (1u << 30) : left,
+		};
+		ssize_t n;
+
+		if (zeroes && iov.iov_len > FT_ZERO_BUF_SIZE)
+			iov.iov_len = FT_ZERO_BUF_SIZE;
+		if (bio->op == FT_BIO_READ)
+			n = preadv2(fb->fd, &iov, 1, (off_t)(bio->offset + bio->done), 0);
+		else
+			n = pwritev2(fb->fd, &iov, 1, (off_t)(bio->offset + bio->done), flags);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0) {
+			if (bio->op != FT_BIO_READ)
+				return -EIO;
+			/* The file shrank under us: what lies past its end reads as zeroes. */
+			memset((char *)bio->buf + bio->done, 0, left);
+			n = (ssize_t)left;
+		}
+		bio->done += (uint64_t)n;
+	}
+	return 0;
+}
+
 static void file_rw_issue(struct file_backend *fb, struct ft_bio *bio)
 {
 	const void *zeroes = ft_zero_buf();
@@ -85,6 +134,10 @@ static void file_rw_issue(struct file_backend *fb, struct ft_bio *bio)
 
 	if (writing_zeroes && n > FT_ZERO_BUF_SIZE)
 		n = FT_ZERO_BUF_SIZE;
+	if (fb->mem_backed) {
+		bio->end_io(bio, file_rw_inline(fb, bio));
+		return;
+	}
 	fd = direct_ok(fb, bio, buf) ? fb->dfd : fb->fd;
 	bio->c.fn = file_rw_done;
 	sqe = ft_reactor_sqe(fb->b.reactor, &bio->c);
@@ -259,6 +312,11 @@ static void file_submit(struct ft_backend *b, struct ft_bio *bio)
 		file_rw_issue(fb, bio);
 		return;
 	case FT_BIO_FLUSH:
+		if (fb->mem_backed) {
+			/* Nothing volatile to write back: returns at once, no worker thread. */
+			bio->end_io(bio, fdatasync(fb->fd) < 0 ? -errno : 0);
+			return;
+		}
 		file_fsync(fb, bio, file_simple_done);
 		return;
 	case FT_BIO_TRIM:
@@ -380,7 +438,12 @@ int ft_backend_file_open(const char *path, bool readonly, struct ft_backend **ou
 		goto fail;
 	}
 
-	fb->dio_align = probe_dio_align(fb);
+	struct statfs sfs;
+
+	if (!fb->is_blk && fstatfs(fb->fd, &sfs) == 0 &&
+	    (sfs.f_type == TMPFS_MAGIC || sfs.f_type == RAMFS_MAGIC))
+		fb->mem_backed = true;
+	fb->dio_align = fb->mem_backed ? 0 : probe_dio_align(fb);
 	if (fb->dio_align) {
 		fb->dfd = open(path, flags | O_DIRECT);
 		if (fb->dfd < 0) {
@@ -399,7 +462,9 @@ int ft_backend_file_open(const char *path, bool readonly, struct ft_backend **ou
 		fb->b.caps |= FT_BACKEND_READ_ONLY;
 	ft_info("%s: %s, %llu bytes, %s", path, fb->is_blk ? "block device" : "file",
 		(unsigned long long)fb->b.size,
-		fb->dfd >= 0 ? "O_DIRECT for aligned requests" : "buffered I/O");
+		fb->mem_backed	? "memory-backed (inline I/O)"
+		: fb->dfd >= 0	? "O_DIRECT for aligned requests"
+				: "buffered I/O");
 	*out = &fb->b;
 	return 0;
 fail:

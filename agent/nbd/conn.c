@@ -46,7 +46,7 @@ void conn_fail(struct nbd_conn *c, const char *why)
 	if (c->dead)
 		return;
 	if (why)
-		ft_info("conn %llu%s%s: closing: %s", (unsigned long long)c->id,
+		ft_debug("conn %llu%s%s: closing: %s", (unsigned long long)c->id,
 			c->vol ? " volume " : "", c->vol ? c->vol->cfg->name : "", why);
 	c->dead = true;
 	c->read_done = true;

@@ -1,0 +1,376 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: MIT
+#
+# flashtierd pass-through vs nbdkit, side by side, in one run.
+#
+# Servers (one at a time, each on a unix socket, pinned to BENCH_SERVER_CPU):
+#   flashtierd     pass-through over a 1 GiB file on tmpfs, "reactors": 1
+#   nbdkit-file    nbdkit file plugin over the SAME file (nbdkit defaults)
+#   nbdkit-memory  nbdkit memory plugin (transport ceiling), pre-filled
+# Client: fio's nbd ioengine, pinned to BENCH_CLIENT_CPU, one job per workload.
+# Server CPU: utime+stime of the server process (all threads) over fio's
+# measured window, divided by the I/Os fio completed.
+#
+# Usage: AGENT=build/flashtierd tests/bench/nbd-passthrough.sh   (or: make bench)
+# Environment (all optional):
+#   AGENT               flashtierd binary (default: build/flashtierd)
+#   BENCH_RUNTIME       seconds measured per workload (default 10; 2 = smoke run)
+#   BENCH_RAMP          seconds of ramp before measuring (default 2, 1 if RUNTIME < 10)
+#   BENCH_SIZE_MIB      size of the backing file and memory disk (default 1024)
+#   BENCH_SERVER_CPU    CPU for the server (default 0)
+#   BENCH_CLIENT_CPU    CPU for fio and this script (default 1)
+#   BENCH_SERVERS       subset/order of "flashtierd nbdkit-file nbdkit-memory"
+#   BENCH_WORKLOADS     subset of workload names (default: all, see WORKLOADS below)
+#   BENCH_RESULTS       results directory (default tests/bench/results)
+#   BENCH_STRICT        1 = exit 1 when a target is missed (default 0: report only)
+#   BENCH_START_TIMEOUT seconds to wait for a server socket (default 15)
+# See tests/bench/README.md.
+# shellcheck disable=SC2317 # functions invoked from traps
+set -euo pipefail
+umask 022
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+PROG=nbd-passthrough
+
+AGENT=${AGENT:-$ROOT/build/flashtierd}
+RUNTIME=${BENCH_RUNTIME:-10}
+if [ -z "${BENCH_RAMP:-}" ]; then
+	if [ "$RUNTIME" -ge 10 ] 2>/dev/null; then RAMP=2; else RAMP=1; fi
+else
+	RAMP=$BENCH_RAMP
+fi
+SIZE_MIB=${BENCH_SIZE_MIB:-1024}
+SERVER_CPU=${BENCH_SERVER_CPU:-0}
+CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
+SERVERS=${BENCH_SERVERS:-flashtierd nbdkit-file nbdkit-memory}
+RESULTS=${BENCH_RESULTS:-$HERE/results}
+STRICT=${BENCH_STRICT:-0}
+START_TIMEOUT=${BENCH_START_TIMEOUT:-15}
+
+# name rw bs iodepth
+WORKLOADS=(
+	"randread-4k-qd1 randread 4k 1"
+	"randread-4k-qd32 randread 4k 32"
+	"randwrite-4k-qd1 randwrite 4k 1"
+	"randwrite-4k-qd32 randwrite 4k 32"
+	"seqread-64k-qd8 read 64k 8"
+)
+
+log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
+die() {
+	printf '\n%s: FATAL: %s\n' "$PROG" "$*" >&2
+	exit 1
+}
+
+# ---------------------------------------------------------------- cleanup
+WORK=
+SERVER_PID=
+SERVER_NAME=
+SAMPLER_PID=
+FIO_PID=
+
+kill_and_reap() { # PID [grace-seconds]
+	local pid=$1 grace=${2:-5} i
+	[ -n "$pid" ] || return 0
+	kill -TERM "$pid" 2>/dev/null || true
+	for ((i = 0; i < grace * 10; i++)); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	kill -KILL "$pid" 2>/dev/null || true
+	wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+	local rc=$?
+	trap - EXIT INT TERM HUP
+	[ -n "$FIO_PID" ] && kill_and_reap "$FIO_PID" 2
+	[ -n "$SAMPLER_PID" ] && kill_and_reap "$SAMPLER_PID" 1
+	if [ -n "$SERVER_PID" ]; then
+		log "stopping $SERVER_NAME (pid $SERVER_PID)"
+		kill_and_reap "$SERVER_PID" 5
+	fi
+	if [ -n "$WORK" ] && [ -d "$WORK" ]; then
+		if [ "$rc" -ne 0 ] && [ -n "$(ls "$WORK"/*.log 2>/dev/null)" ]; then
+			for f in "$WORK"/*.log; do
+				printf '\n--- last lines of %s\n' "$(basename "$f")" >&2
+				tail -n 15 "$f" >&2 || true
+			done
+		fi
+		rm -rf -- "$WORK"
+	fi
+	[ "$rc" -ne 0 ] && log "exit status $rc"
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT
+trap 'log "terminated"; exit 143' TERM
+trap 'log "hangup"; exit 129' HUP
+
+# ---------------------------------------------------------------- checks
+for tool in fio nbdkit taskset python3 getconf; do
+	command -v "$tool" >/dev/null || die "'$tool' not found in PATH"
+done
+[ -x "$AGENT" ] || die "AGENT=$AGENT is not an executable (build it first: make)"
+case $RUNTIME in '' | *[!0-9]*) die "BENCH_RUNTIME must be whole seconds, got '$RUNTIME'" ;; esac
+case $RAMP in '' | *[!0-9]*) die "BENCH_RAMP must be whole seconds, got '$RAMP'" ;; esac
+case $SIZE_MIB in '' | *[!0-9]*) die "BENCH_SIZE_MIB must be a number, got '$SIZE_MIB'" ;; esac
+[ "$RUNTIME" -ge 1 ] || die "BENCH_RUNTIME must be >= 1"
+fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd ioengine"
+nbdkit file --version >/dev/null 2>&1 || die "nbdkit file plugin not available"
+nbdkit memory --version >/dev/null 2>&1 || die "nbdkit memory plugin not available"
+
+allowed=$(taskset -cp $$ | sed 's/.*: //')
+cpu_ok() { python3 -c 'import os,sys; sys.exit(0 if int(sys.argv[1]) in os.sched_getaffinity(0) else 1)' "$1"; }
+cpu_ok "$SERVER_CPU" || die "server CPU $SERVER_CPU not in this process's CPU set ($allowed)"
+cpu_ok "$CLIENT_CPU" || die "client CPU $CLIENT_CPU not in this process's CPU set ($allowed)"
+[ "$SERVER_CPU" != "$CLIENT_CPU" ] || log "WARNING: server and client share CPU $SERVER_CPU"
+
+selected=()
+for w in "${WORKLOADS[@]}"; do
+	read -r name _ <<<"$w"
+	if [ -z "${BENCH_WORKLOADS:-}" ] || [[ " $BENCH_WORKLOADS " == *" $name "* ]]; then
+		selected+=("$w")
+	fi
+done
+[ ${#selected[@]} -gt 0 ] || die "BENCH_WORKLOADS='${BENCH_WORKLOADS:-}' selects nothing"
+for s in $SERVERS; do
+	case $s in flashtierd | nbdkit-file | nbdkit-memory) ;; *) die "unknown server '$s' in BENCH_SERVERS" ;; esac
+done
+
+shm_avail_kib=$(df -Pk /dev/shm | awk 'NR == 2 { print $4 }')
+mem_avail_kib=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo)
+[ "$shm_avail_kib" -gt $((SIZE_MIB * 1024 + 65536)) ] ||
+	die "/dev/shm has $((shm_avail_kib / 1024)) MiB free, need $SIZE_MIB MiB + slack"
+[ "$mem_avail_kib" -gt $((SIZE_MIB * 1024 * 2 + 262144)) ] ||
+	die "only $((mem_avail_kib / 1024)) MiB RAM available, need ~$((SIZE_MIB * 2 + 256)) MiB (tmpfs file + nbdkit memory)"
+
+# This script, the CPU sampler and fio run on the client CPU; the servers are
+# started with an explicit "taskset -c SERVER_CPU" (inherited by all their threads).
+taskset -cp "$CLIENT_CPU" $$ >/dev/null
+
+CLK_TCK=$(getconf CLK_TCK)
+FIO_VERSION=$(fio --version)
+NBDKIT_VERSION=$(nbdkit --version | head -n 1)
+KERNEL="$(uname -r) ($(uname -m))"
+AGENT_VERSION=$("$AGENT" --version 2>&1 | head -n 1 || true)
+GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]; then GIT_REV="$GIT_REV+dirty"; fi
+CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+[ -n "$CPU_MODEL" ] || CPU_MODEL=$(uname -m)
+NCPU=$(nproc --all)
+DATE=$(date +%Y-%m-%d-%H%M%S)
+LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+echo "== flashtier nbd pass-through benchmark ($DATE)"
+echo "   fio:        $FIO_VERSION"
+echo "   nbdkit:     $NBDKIT_VERSION"
+echo "   kernel:     $KERNEL"
+echo "   flashtierd: $AGENT_VERSION, git $GIT_REV ($AGENT)"
+echo "   CPU:        $CPU_MODEL, $NCPU CPUs; server on CPU $SERVER_CPU, fio on CPU $CLIENT_CPU"
+echo "   runtime:    ${RUNTIME}s + ${RAMP}s ramp per workload; load average: $LOADAVG_START"
+if [ "$RUNTIME" -lt 10 ]; then echo "   (short runtime: smoke run, numbers are indicative only)"; fi
+
+# ---------------------------------------------------------------- setup
+WORK=$(mktemp -d /dev/shm/flashtier-bench.XXXXXX)
+DISK=$WORK/disk.img
+RUNS=$WORK/runs
+mkdir -p "$RUNS"
+
+log "filling $DISK with $SIZE_MIB MiB of random data"
+dd if=/dev/urandom of="$DISK" bs=1M count="$SIZE_MIB" iflag=fullblock conv=fsync status=none ||
+	die "cannot create $DISK"
+alloc_kib=$(du -k "$DISK" | cut -f1)
+[ "$alloc_kib" -ge $((SIZE_MIB * 1024)) ] || die "$DISK is sparse ($alloc_kib KiB allocated)"
+
+SOCK=
+URI=
+AGENT_IO_MODE=
+
+start_server() { # NAME
+	local name=$1 export_name='' i
+	SOCK=$WORK/$name.sock
+	SERVER_NAME=$name
+	rm -f "$SOCK"
+	case $name in
+	flashtierd)
+		export_name=bench
+		cat >"$WORK/flashtierd.json" <<-EOF
+			{
+			  "listen": "unix:$SOCK",
+			  "reactors": 1,
+			  "volumes": { "$export_name": { "backing": "$DISK" } }
+			}
+		EOF
+		"$AGENT" --config "$WORK/flashtierd.json" --check-config >/dev/null ||
+			die "flashtierd rejects the generated config: $(cat "$WORK/flashtierd.json")"
+		taskset -c "$SERVER_CPU" "$AGENT" --config "$WORK/flashtierd.json" \
+			>"$WORK/$name.log" 2>&1 &
+		SERVER_PID=$!
+		;;
+	nbdkit-file)
+		taskset -c "$SERVER_CPU" nbdkit --foreground --unix "$SOCK" --exit-with-parent \
+			file file="$DISK" >"$WORK/$name.log" 2>&1 &
+		SERVER_PID=$!
+		;;
+	nbdkit-memory)
+		taskset -c "$SERVER_CPU" nbdkit --foreground --unix "$SOCK" --exit-with-parent \
+			memory size="${SIZE_MIB}M" >"$WORK/$name.log" 2>&1 &
+		SERVER_PID=$!
+		;;
+	esac
+	URI="nbd+unix:///$export_name?socket=$SOCK"
+
+	for ((i = 0; i < START_TIMEOUT * 20; i++)); do
+		kill -0 "$SERVER_PID" 2>/dev/null || die "$name exited during start-up"
+		[ -S "$SOCK" ] && break
+		sleep 0.05
+	done
+	[ -S "$SOCK" ] || die "$name did not create $SOCK within ${START_TIMEOUT}s"
+	# The socket exists; check that the export answers and has the right size.
+	if command -v nbdinfo >/dev/null; then
+		local size
+		size=$(timeout 10 nbdinfo --size "$URI" 2>"$WORK/nbdinfo.err") ||
+			die "$name does not answer on $URI: $(cat "$WORK/nbdinfo.err")"
+		[ "$size" -eq $((SIZE_MIB * 1024 * 1024)) ] ||
+			die "$name exports $size bytes, expected $((SIZE_MIB * 1024 * 1024))"
+	fi
+	log "$name ready (pid $SERVER_PID, $(taskset -cp "$SERVER_PID" | sed 's/.*: /CPU /'))"
+}
+
+# Every thread of the server must be on SERVER_CPU (io_uring workers and
+# nbdkit's per-connection threads included). The sampler records the threads
+# it sees while fio runs; summarise them here.
+check_server_affinity() {
+	local summary
+	if summary=$(python3 "$HERE/report.py" threads --cpu "$SERVER_CPU" "$RUNS/$SERVER_NAME".*.threads); then
+		log "$SERVER_NAME: $summary; all pinned to CPU $SERVER_CPU"
+	else
+		log "WARNING: $SERVER_NAME: $summary"
+	fi
+	echo "$summary" >"$RUNS/$SERVER_NAME.threads-summary"
+}
+
+stop_server() {
+	local rc=0 i
+	kill -TERM "$SERVER_PID" 2>/dev/null || die "$SERVER_NAME (pid $SERVER_PID) died during the run"
+	for ((i = 0; i < 100; i++)); do
+		kill -0 "$SERVER_PID" 2>/dev/null || break
+		sleep 0.1
+	done
+	if kill -0 "$SERVER_PID" 2>/dev/null; then
+		log "WARNING: $SERVER_NAME did not exit within 10 s of SIGTERM; killing it"
+		kill -KILL "$SERVER_PID" 2>/dev/null || true
+	fi
+	wait "$SERVER_PID" || rc=$?
+	[ "$rc" -eq 0 ] || log "WARNING: $SERVER_NAME exited with status $rc after SIGTERM"
+	SERVER_PID=
+	if grep -Eiq 'error|warn|assert|sanitizer|abort' "$WORK/$SERVER_NAME.log"; then
+		log "WARNING: $SERVER_NAME logged errors/warnings:"
+		grep -Ei 'error|warn|assert|sanitizer|abort' "$WORK/$SERVER_NAME.log" | sort | uniq -c | sort -rn | head -n 10 >&2
+	fi
+	cp "$WORK/$SERVER_NAME.log" "$RUNS/$SERVER_NAME.server.log"
+	if [ "$SERVER_NAME" = flashtierd ]; then
+		# e.g. "...: file, 1073741824 bytes, buffered I/O" (tmpfs has no STATX_DIOALIGN)
+		AGENT_IO_MODE=$(sed -n 's/.*: file, [0-9]* bytes, //p' "$WORK/$SERVER_NAME.log" | head -n 1)
+	fi
+}
+
+run_fio() { # OUT-PREFIX fio-args...
+	local out=$1 rc=0
+	shift
+	taskset -c "$CLIENT_CPU" fio --output-format=json --output="$out.fio.json" "$@" \
+		>"$out.fio.log" 2>&1 &
+	FIO_PID=$!
+	wait "$FIO_PID" || rc=$?
+	FIO_PID=
+	if [ "$rc" -ne 0 ] || grep -q '"error" : [1-9]' "$out.fio.json" 2>/dev/null; then
+		cat "$out.fio.log" >&2 || true
+		die "fio failed (status $rc) against $SERVER_NAME: fio $*"
+	fi
+}
+
+prefill() {
+	log "$SERVER_NAME: pre-filling with one sequential write pass"
+	run_fio "$WORK/prefill" --name=prefill --ioengine=nbd --uri="$URI" \
+		--rw=write --bs=1M --iodepth=8 --size=100%
+}
+
+measure() { # WORKLOAD-NAME RW BS IODEPTH
+	local name=$1 rw=$2 bs=$3 qd=$4 i
+	local out=$RUNS/$SERVER_NAME.$name
+	printf '   %-14s %-18s ' "$SERVER_NAME" "$name" >&2
+	python3 "$HERE/report.py" sample --threads "$out.threads" "$SERVER_PID" "$out.cpu" &
+	SAMPLER_PID=$!
+	for ((i = 0; i < 200; i++)); do
+		[ -s "$out.cpu" ] && break
+		sleep 0.01
+	done
+	[ -s "$out.cpu" ] || die "CPU sampler did not start"
+	run_fio "$out" --name="$name" --ioengine=nbd --uri="$URI" \
+		--rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
+		--time_based=1 --runtime="${RUNTIME}s" --ramp_time="${RAMP}s" \
+		--percentile_list=50:90:99:99.9
+	kill -TERM "$SAMPLER_PID" 2>/dev/null || true
+	wait "$SAMPLER_PID" || true
+	SAMPLER_PID=
+	python3 - "$out.fio.json" "$rw" >&2 <<-'EOF'
+		import json, sys
+		t = open(sys.argv[1]).read(); j = json.loads(t[t.index("{"):])["jobs"][0]
+		s = j["write"] if "write" in sys.argv[2] else j["read"]
+		p = s["clat_ns"]["percentile"]
+		print(f"{s['iops']:>10,.0f} IOPS  p50 {p['50.000000']/1000:8.1f} us  p99 {p['99.000000']/1000:8.1f} us")
+	EOF
+}
+
+# ---------------------------------------------------------------- run
+FIO_PARAMS="ioengine=nbd, ${RUNTIME}s time_based after ${RAMP}s ramp_time, numjobs=1, default randrepeat"
+for s in $SERVERS; do
+	echo "== $s"
+	start_server "$s"
+	[ "$s" = nbdkit-memory ] && prefill
+	for w in "${selected[@]}"; do
+		read -r name rw bs qd <<<"$w"
+		measure "$name" "$rw" "$bs" "$qd"
+		kill -0 "$SERVER_PID" 2>/dev/null || die "$s died during $name"
+	done
+	check_server_affinity
+	stop_server
+done
+
+# ---------------------------------------------------------------- report
+mkdir -p "$RESULTS"
+base=$RESULTS/passthrough-$DATE
+wl_specs=$(for w in "${selected[@]}"; do read -r n r b q <<<"$w"; printf '%s:%s:%s:%s,' "$n" "$r" "$b" "$q"; done)
+read -r -a server_list <<<"$SERVERS"
+servers_csv=$(IFS=,; echo "${server_list[*]}")
+echo
+python3 "$HERE/report.py" summarize --runs "$RUNS" --servers "$servers_csv" \
+	--workloads "${wl_specs%,}" --clk-tck "$CLK_TCK" \
+	--md "$base.md" --json "$base.json" --verdict-file "$WORK/verdict" \
+	--meta "date=$DATE" \
+	--meta "flashtierd=$AGENT_VERSION, git $GIT_REV ($AGENT), config \"reactors\": 1${AGENT_IO_MODE:+, backing file: $AGENT_IO_MODE}" \
+	--meta "nbdkit=$NBDKIT_VERSION (file: defaults; memory: size=${SIZE_MIB}M, pre-filled)" \
+	--meta "fio=$FIO_VERSION" \
+	--meta "kernel=$KERNEL" \
+	--meta "cpu_model=$CPU_MODEL, $NCPU CPUs, CLK_TCK $CLK_TCK" \
+	--meta "setup=$SIZE_MIB MiB random-data file on tmpfs (/dev/shm); unix sockets; server pinned to CPU $SERVER_CPU (taskset -c, all threads), fio to CPU $CLIENT_CPU" \
+	--meta "fio_params=$FIO_PARAMS" \
+	--meta "loadavg_start=$LOADAVG_START" \
+	--meta "loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)" \
+	--meta "runtime_s=$RUNTIME" --meta "ramp_s=$RAMP" --meta "size_mib=$SIZE_MIB" \
+	--meta "server_cpu=$SERVER_CPU" --meta "client_cpu=$CLIENT_CPU" ||
+	die "report generation failed"
+# Keep the raw fio output and server logs next to the report.
+mkdir -p "$base.raw"
+cp "$RUNS"/* "$base.raw/"
+echo
+echo "saved: $base.md"
+echo "       $base.json"
+echo "       $base.raw/ (fio JSON, CPU samples, server logs)"
+if [ "$STRICT" = 1 ] && [ "$(cat "$WORK/verdict")" != PASS ]; then
+	log "targets not met (BENCH_STRICT=1)"
+	exit 1
+fi
+exit 0
