@@ -41,6 +41,13 @@ static void drop_output(struct nbd_conn *c)
 	c->out_head_sent = 0;
 }
 
+void conn_protocol_error(struct nbd_conn *c, const char *why)
+{
+	ft_warn("conn %llu%s%s: protocol violation: %s; disconnecting", (unsigned long long)c->id,
+		c->vol ? " volume " : "", c->vol ? c->vol->cfg->name : "", why);
+	conn_fail(c, NULL);
+}
+
 void conn_fail(struct nbd_conn *c, const char *why)
 {
 	if (c->dead)

@@ -321,7 +321,7 @@ int hs_step(struct nbd_conn *c)
 		flags = be32toh(flags);
 		conn_consume(c, 4);
 		if (flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) {
-			conn_fail(c, "unknown client flags");
+			conn_protocol_error(c, "unknown client flags");
 			return -1;
 		}
 		c->no_zeroes = flags & NBD_FLAG_C_NO_ZEROES;
@@ -336,14 +336,14 @@ int hs_step(struct nbd_conn *c)
 		memcpy(&h, d, sizeof(h));
 		conn_consume(c, sizeof(h));
 		if (be64toh(h.magic) != NBD_IHAVEOPT) {
-			conn_fail(c, "bad option magic");
+			conn_protocol_error(c, "bad option magic");
 			return -1;
 		}
 		c->opt = be32toh(h.option);
 		c->opt_len = be32toh(h.length);
 		if (c->opt_len > OPT_MAX_DATA) {
 			if (c->opt == NBD_OPT_EXPORT_NAME) {
-				conn_fail(c, "oversized NBD_OPT_EXPORT_NAME");
+				conn_protocol_error(c, "oversized NBD_OPT_EXPORT_NAME");
 				return -1;
 			}
 			c->skip = c->opt_len;

@@ -108,6 +108,8 @@ struct nbd_conn *conn_new(struct ft_nbd_server *srv, struct ft_reactor *r, int f
 void conn_send(struct nbd_conn *c, struct nbd_out *o);
 void conn_process(struct nbd_conn *c);
 void conn_fail(struct nbd_conn *c, const char *why);
+/* A peer that broke a MUST of the protocol: logged as a warning, then conn_fail(). */
+void conn_protocol_error(struct nbd_conn *c, const char *why);
 /* Bracket every entry into a connection: it is freed only outside them. */
 void conn_enter(struct nbd_conn *c);
 void conn_leave(struct nbd_conn *c);

@@ -386,7 +386,7 @@ int tx_step(struct nbd_conn *c)
 	memcpy(&h, conn_data(c), sizeof(h));
 	conn_consume(c, sizeof(h));
 	if (be32toh(h.magic) != NBD_REQUEST_MAGIC) {
-		conn_fail(c, "bad request magic");
+		conn_protocol_error(c, "bad request magic");
 		return -1;
 	}
 	uint16_t type = be16toh(h.type);
