@@ -96,6 +96,11 @@ static void conn_maybe_finish(struct nbd_conn *c)
 		c->dead = true;
 		shutdown(c->fd, SHUT_RDWR);
 	}
+	/* A WRITE whose payload will never arrive: nothing else will release it. */
+	if (c->payload_req && !c->recv_armed) {
+		tx_req_abandon(c->payload_req);
+		c->payload_req = NULL;
+	}
 	if (c->busy || c->recv_armed || c->send_armed || c->inflight > 0)
 		return;
 	conn_free(c);

@@ -100,7 +100,7 @@ struct nbd_req {
 	uint64_t t_start;
 	struct ft_bio bio;
 	struct nbd_out out;
-	uint8_t hdr[64];
+	uint8_t hdr[160]; /* reply header, or an error chunk with its message */
 };
 
 /* conn.c */
@@ -136,6 +136,8 @@ int hs_step(struct nbd_conn *c);
 /* transmission.c: same convention. */
 int tx_step(struct nbd_conn *c);
 void tx_payload_complete(struct nbd_req *req);
+/* Drop a request that will never be answered (its connection died mid-payload). */
+void tx_req_abandon(struct nbd_req *req);
 void tx_req_free_all(struct nbd_conn *c);
 
 /* server.c */

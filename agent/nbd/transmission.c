@@ -281,6 +281,12 @@ void tx_payload_complete(struct nbd_req *req)
 	submit(req);
 }
 
+void tx_req_abandon(struct nbd_req *req)
+{
+	ft_stat_sub(&req->c->vol->stats.in_flight, 1);
+	req_put(req);
+}
+
 /* Reject @req with @err before it reaches the store. */
 static void reject(struct nbd_req *req, int err, const char *why)
 {
@@ -368,7 +374,9 @@ static int validate(const struct nbd_conn *c, const struct nbd_req *req, const c
 	}
 	if (req->offset > v->size || req->len > v->size - req->offset) {
 		*why = "offset and length beyond the end of the export";
-		return writes ? -ENOSPC : -EINVAL;
+		/* The spec: ENOSPC for writes past the end, EINVAL for reads and trims. */
+		return (req->type == NBD_CMD_WRITE || req->type == NBD_CMD_WRITE_ZEROES) ? -ENOSPC
+											: -EINVAL;
 	}
 	return 0;
 }

@@ -20,6 +20,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/prctl.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -83,7 +84,11 @@ static inline int th_unix_connect(const char *path)
 
 	if (fd < 0)
 		return -1;
-	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	if (strlen(path) >= sizeof(sa.sun_path)) {
+		close(fd);
+		return -1;
+	}
+	memcpy(sa.sun_path, path, strlen(path) + 1);
 	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
 		close(fd);
 		return -1;
@@ -147,6 +152,8 @@ static inline void ft_agent_start_in(struct ft_agent *a, const char *dir, const 
 	if (a->pid == 0) {
 		int fd = open(a->log, O_WRONLY | O_CREAT | O_APPEND, 0644);
 
+		/* A crashed test must not leave agents behind. */
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
 		if (fd >= 0) {
 			dup2(fd, 2);
 			dup2(fd, 1);
