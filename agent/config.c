@@ -336,10 +336,12 @@ int ft_config_parse(const char *text, const char *origin, bool check_paths, stru
 	if (!root) {
 		/* jansson says "duplicate object key" with the key in 'near'. */
 		if (strstr(jerr.text, "duplicate object key")) {
+			/* jansson's text ends with: near '"KEY"' */
 			const char *near = strstr(jerr.text, "near '");
+			int klen = near ? (int)strlen(near + 6) - 1 : 0;
 
-			snprintf(err, err_len, "%s:%d:%d: duplicate key %s", origin, jerr.line,
-				 jerr.column, near ? near + 5 : "");
+			snprintf(err, err_len, "%s:%d:%d: duplicate key %.*s", origin, jerr.line,
+				 jerr.column, klen > 0 ? klen : 0, near ? near + 6 : "");
 		} else {
 			snprintf(err, err_len, "%s:%d:%d: invalid JSON: %s", origin, jerr.line,
 				 jerr.column, jerr.text);

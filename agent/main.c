@@ -223,12 +223,12 @@ int main(int argc, char **argv)
 			(unsigned long long)vols[i]->size, i % n_reactors, cfg->volumes[i].backing);
 	}
 
-	/* 4. Endpoints. */
-	if (ft_nbd_server_create(&cfg->listen, vols, cfg->n_volumes, reactors, n_reactors,
-				 &srv_stats, &server) < 0)
-		goto out;
+	/* 4. Endpoints: metrics first, so they are up once the NBD socket answers. */
 	if (cfg->has_metrics &&
 	    ft_metrics_http_start(&cfg->metrics, mvols, cfg->n_volumes, &srv_stats, &http) < 0)
+		goto out;
+	if (ft_nbd_server_create(&cfg->listen, vols, cfg->n_volumes, reactors, n_reactors,
+				 &srv_stats, &server) < 0)
 		goto out;
 	ft_nbd_server_start(server);
 	ft_info("ready: %zu volume%s, %u reactor%s", cfg->n_volumes,

@@ -7,7 +7,7 @@ PACKAGES="
 build-essential pkg-config clang-format
 liburing-dev libnbd-dev libjansson-dev libmicrohttpd-dev
 libcriterion-dev
-nbdkit libnbd-bin qemu-utils fio prometheus
+nbdkit libnbd-bin python3-libnbd qemu-utils fio prometheus
 iproute2 procps util-linux python3
 "
 

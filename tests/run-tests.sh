@@ -49,6 +49,7 @@ for bin in "$BUILD"/tests/unit/* "$BUILD"/tests/integration/*; do
 done
 
 for script in tests/integration/*.sh; do
+	[ "$(basename "$script")" = lib.sh ] && continue # helpers, not a test
 	[ -f "$script" ] || continue
 	name=$(basename "$script" .sh)
 	log=$log_dir/$name.log

@@ -68,6 +68,7 @@ static void nb_queue_done(struct nbd_backend *nb, struct ft_bio *bio, int error)
 }
 
 static void nb_issue(struct nbd_backend *nb, struct ft_bio *bio);
+static void nb_mark_dead(struct nbd_backend *nb);
 
 /* libnbd completion callback: runs inside libnbd, handle locked. */
 static int nb_piece_done(void *user_data, int *error)
@@ -142,13 +143,19 @@ static void nb_issue(struct nbd_backend *nb, struct ft_bio *bio)
 
 		bio->pending++;
 		if (nb_command(nb, bio, bio->offset + off, n, buf, nflags) < 0) {
-			int e = nbd_get_errno();
-
-			/* libnbd does not call the completion of a command it refused. */
+			/*
+			 * libnbd does not call the completion of a command it refused.
+			 * The request was validated already, so a refusal means the
+			 * connection is gone (libnbd then says EINVAL or ENOTCONN):
+			 * the client gets EIO, the real cause goes to the log.
+			 */
 			bio->pending--;
-			if (!nb->dead)
-				ft_err("nbd backend %s: %s", nb->uri, nbd_get_error());
-			bio->error = -(e ? e : EIO);
+			if (nbd_aio_is_dead(nb->h) || nbd_aio_is_closed(nb->h))
+				nb_mark_dead(nb);
+			else
+				ft_err("nbd backend %s: command refused: %s", nb->uri,
+				       nbd_get_error());
+			bio->error = -EIO;
 			break;
 		}
 		if (bio->len == 0)
@@ -163,6 +170,10 @@ static void nb_submit(struct ft_backend *b, struct ft_bio *bio)
 	struct nbd_backend *nb = to_nb(b);
 
 	bio->stage = NB_MAIN;
+	if (nb->dead) {
+		nb_queue_done(nb, bio, -EIO);
+		return;
+	}
 	switch (bio->op) {
 	case FT_BIO_FLUSH:
 		if (!nb->can_flush) {

@@ -101,6 +101,11 @@ static void conn_maybe_finish(struct nbd_conn *c)
 		tx_req_abandon(c->payload_req);
 		c->payload_req = NULL;
 	}
+	if (c->skip_req) {
+		tx_req_abandon(c->skip_req);
+		c->skip_req = NULL;
+		c->skip_done = NULL;
+	}
 	if (c->busy || c->recv_armed || c->send_armed || c->inflight > 0)
 		return;
 	conn_free(c);
@@ -351,6 +356,12 @@ void conn_process(struct nbd_conn *c)
 				break;
 			conn_consume(c, n);
 			c->skip -= n;
+			if (c->skip == 0 && c->skip_done) {
+				void (*done)(struct nbd_conn *) = c->skip_done;
+
+				c->skip_done = NULL;
+				done(c);
+			}
 			continue;
 		}
 		if (c->payload_req) {
@@ -390,6 +401,16 @@ void conn_process(struct nbd_conn *c)
 		conn_recv_arm(c);
 	}
 	conn_leave(c);
+}
+
+void conn_skip(struct nbd_conn *c, uint64_t len, void (*done)(struct nbd_conn *c))
+{
+	c->skip = len;
+	c->skip_done = NULL;
+	if (len == 0)
+		done(c);
+	else
+		c->skip_done = done;
 }
 
 /* ---- hand-off and draining ---- */

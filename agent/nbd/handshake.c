@@ -148,17 +148,22 @@ static int opt_list(struct nbd_conn *c, uint32_t len)
 	if (len != 0)
 		return reply_err(c, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
 	for (size_t i = 0; i < server_n_volumes(c->srv); i++) {
-		const char *name = server_volume(c->srv, i)->cfg->name;
-		uint32_t nlen = (uint32_t)strlen(name);
-		uint8_t *buf = malloc(4 + nlen);
+		const struct ft_volume_config *vc = server_volume(c->srv, i)->cfg;
+		uint32_t nlen = (uint32_t)strlen(vc->name);
+		uint32_t dlen = vc->description ? (uint32_t)strlen(vc->description) : 0;
+		uint8_t *buf = malloc(4 + nlen + dlen);
+		uint32_t be_nlen = htobe32(nlen);
 
 		if (!buf) {
 			conn_fail(c, "out of memory");
 			return -1;
 		}
-		*(uint32_t *)buf = htobe32(nlen);
-		memcpy(buf + 4, name, nlen);
-		reply(c, NBD_REP_SERVER, buf, 4 + nlen);
+		/* Name, then (the spec's free-form tail) the description for humans. */
+		memcpy(buf, &be_nlen, 4);
+		memcpy(buf + 4, vc->name, nlen);
+		if (dlen)
+			memcpy(buf + 4 + nlen, vc->description, dlen);
+		reply(c, NBD_REP_SERVER, buf, 4 + nlen + dlen);
 		free(buf);
 	}
 	return reply(c, NBD_REP_ACK, NULL, 0);
@@ -307,6 +312,12 @@ static int handle_option(struct nbd_conn *c, const uint8_t *data, uint32_t len)
 	}
 }
 
+/* An oversized option's data is gone: now refuse it. */
+static void option_skipped(struct nbd_conn *c)
+{
+	reply_err(c, NBD_REP_ERR_TOO_BIG, "option data too large");
+}
+
 int hs_step(struct nbd_conn *c)
 {
 	const uint8_t *d = conn_data(c);
@@ -346,8 +357,7 @@ int hs_step(struct nbd_conn *c)
 				conn_protocol_error(c, "oversized NBD_OPT_EXPORT_NAME");
 				return -1;
 			}
-			c->skip = c->opt_len;
-			reply_err(c, NBD_REP_ERR_TOO_BIG, "option data too large");
+			conn_skip(c, c->opt_len, option_skipped);
 			return 1;
 		}
 		c->hs = HS_OPT_DATA;

@@ -65,7 +65,14 @@ struct nbd_conn {
 	bool recv_direct;          /* the armed recv targets payload_req's buffer */
 	struct nbd_req *payload_req; /* WRITE whose payload is being received */
 	uint32_t payload_have;
-	uint64_t skip;             /* payload bytes of a rejected request still to discard */
+	uint64_t skip;             /* payload bytes of a rejected message still to discard */
+	/*
+	 * Runs once the skipped payload is consumed: a rejection is answered
+	 * only then, since clients (libnbd) cannot match a reply to a request
+	 * they are still sending.
+	 */
+	void (*skip_done)(struct nbd_conn *c);
+	struct nbd_req *skip_req; /* the rejected WRITE whose payload is skipped */
 
 	/* send side */
 	struct nbd_out *out_head, *out_tail;
@@ -138,6 +145,8 @@ int tx_step(struct nbd_conn *c);
 void tx_payload_complete(struct nbd_req *req);
 /* Drop a request that will never be answered (its connection died mid-payload). */
 void tx_req_abandon(struct nbd_req *req);
+/* Start discarding @len payload bytes; @done runs when they are gone. */
+void conn_skip(struct nbd_conn *c, uint64_t len, void (*done)(struct nbd_conn *c));
 void tx_req_free_all(struct nbd_conn *c);
 
 /* server.c */

@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: MIT */
 /* The listening socket, accepting on reactor 0, volume lookup, and shutdown drain. */
 #include <stddef.h>
+#include <endian.h>
 #include <errno.h>
+#include <poll.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -202,6 +204,19 @@ void ft_nbd_server_drain(struct ft_reactor *r)
 	ft_timer_arm(r, &rc->drain_timer, DRAIN_TIMEOUT_NS);
 }
 
+/* Does the server on @fd send an NBD greeting within a second? */
+static bool probe_greets(int fd)
+{
+	struct pollfd pfd = { .fd = fd, .events = POLLIN };
+	uint64_t magic;
+
+	if (poll(&pfd, 1, 1000) != 1)
+		return false;
+	if (recv(fd, &magic, sizeof(magic), MSG_WAITALL) != (ssize_t)sizeof(magic))
+		return false;
+	return be64toh(magic) == NBD_MAGIC;
+}
+
 static int listen_unix(struct ft_nbd_server *s, const char *path)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -220,11 +235,16 @@ static int listen_unix(struct ft_nbd_server *s, const char *path)
 			ft_err("listen: %s exists and is not a socket; not removing it", path);
 			return -EEXIST;
 		}
-		/* A socket nobody answers on is left over from a dead agent. */
+		/*
+		 * A socket nobody answers on is left over from a dead agent. A
+		 * connect alone is not proof of life: a just-killed agent's socket
+		 * accepts for a few milliseconds while the kernel tears its ring
+		 * down. A live server greets within the probe's time limit.
+		 */
 		probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 		if (probe < 0)
 			return -errno;
-		if (connect(probe, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
+		if (connect(probe, (struct sockaddr *)&sa, sizeof(sa)) == 0 && probe_greets(probe)) {
 			close(probe);
 			ft_err("listen: %s is in use by a running server", path);
 			return -EADDRINUSE;

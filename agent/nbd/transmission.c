@@ -148,16 +148,19 @@ static void log_failure(struct nbd_req *req)
 	struct ft_volume *v = req->c->vol;
 	uint64_t sec = req->t_start / 1000000000ull;
 
-	/* Rate-limited: a failing store must not flood the log. */
+	/* Rate-limited to 10 lines a second: a failing store must not flood the log. */
 	if (sec != v->error_log_second) {
-		if (v->error_log_budget == 0)
-			ft_warn("volume '%s': further backing-store errors were not logged",
-				v->cfg->name);
+		if (v->error_log_suppressed)
+			ft_warn("volume '%s': %u more backing-store errors were not logged",
+				v->cfg->name, v->error_log_suppressed);
 		v->error_log_second = sec;
 		v->error_log_budget = 10;
+		v->error_log_suppressed = 0;
 	}
-	if (v->error_log_budget == 0)
+	if (v->error_log_budget == 0) {
+		v->error_log_suppressed++;
 		return;
+	}
 	v->error_log_budget--;
 	ft_warn("volume '%s': %s offset=%llu length=%u failed: %s", v->cfg->name,
 		cmd_name(req->type), (unsigned long long)req->offset, req->len,
@@ -287,7 +290,18 @@ void tx_req_abandon(struct nbd_req *req)
 	req_put(req);
 }
 
-/* Reject @req with @err before it reaches the store. */
+static void rejected_payload_skipped(struct nbd_conn *c)
+{
+	struct nbd_req *req = c->skip_req;
+
+	c->skip_req = NULL;
+	queue_reply(req);
+}
+
+/*
+ * Reject @req with @err before it reaches the store. A WRITE's payload is
+ * read and dropped first, so the stream stays in sync, and answered after.
+ */
 static void reject(struct nbd_req *req, int err, const char *why)
 {
 	struct nbd_conn *c = req->c;
@@ -298,6 +312,11 @@ static void reject(struct nbd_req *req, int err, const char *why)
 		 req->len, req->flags, why);
 	req->error = err;
 	req->errmsg = why;
+	if (req->type == NBD_CMD_WRITE) {
+		c->skip_req = req;
+		conn_skip(c, req->len, rejected_payload_skipped);
+		return;
+	}
 	queue_reply(req);
 }
 
@@ -428,8 +447,6 @@ int tx_step(struct nbd_conn *c)
 
 	rc = validate(c, req, &why);
 	if (rc < 0) {
-		if (type == NBD_CMD_WRITE)
-			c->skip = len; /* drop the payload that follows */
 		reject(req, rc, why);
 		return 1;
 	}

@@ -27,7 +27,8 @@ struct ft_volume {
 	uint32_t max_payload; /* advertised NBD maximum payload */
 	uint16_t eflags;      /* NBD transmission flags, without per-connection ones */
 	struct ft_volume_stats stats;
-	unsigned error_log_budget; /* backend errors logged in the current second */
+	unsigned error_log_budget;     /* backend errors still loggable this second */
+	unsigned error_log_suppressed; /* backend errors not logged this second */
 	uint64_t error_log_second;
 	struct ft_msg attach_msg;
 };

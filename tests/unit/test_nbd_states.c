@@ -683,18 +683,22 @@ Test(nbd, bad_option_magic_closes)
 Test(nbd, opt_list)
 {
 	static const char *const names[] = { "disk0", "disk1", "ro" };
+	/* After the name, the spec's free-form tail: the description, if any. */
+	static const char *const descs[] = { "test disk zero", "", "" };
 	int fd = hs_open(CFLAGS_ALL);
 	struct orep r;
 
 	send_opt(fd, NBD_OPT_LIST, NULL, 0);
 	for (unsigned i = 0; i < 3; i++) {
 		uint32_t nl = (uint32_t)strlen(names[i]);
+		uint32_t dl = (uint32_t)strlen(descs[i]);
 
 		expect_orep(fd, NBD_OPT_LIST, NBD_REP_SERVER, &r);
-		cr_assert_eq(r.len, 4 + nl, "REP_SERVER length %u for '%s'", r.len, names[i]);
+		cr_assert_eq(r.len, 4 + nl + dl, "REP_SERVER length %u for '%s'", r.len, names[i]);
 		cr_assert_eq(get32(r.data), nl);
 		cr_assert_arr_eq(r.data + 4, names[i], nl, "export %u is '%.*s', want '%s'", i,
-				 (int)(r.len - 4), (char *)r.data + 4, names[i]);
+				 (int)nl, (char *)r.data + 4, names[i]);
+		cr_assert_arr_eq(r.data + 4 + nl, descs[i], dl, "export %u description", i);
 	}
 	expect_ack(fd, NBD_OPT_LIST);
 
