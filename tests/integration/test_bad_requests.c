@@ -21,15 +21,15 @@
 #include "flashtier/nbd_proto.h"
 
 /*
- * harness.h copies a char[320] socket path into sun_path[108] with
- * snprintf; GCC's -O2 inlining turns that into a -Wformat-truncation
- * error under -Werror. Our paths are short (/tmp/ft-test.XXXXXX/...).
+ * harness.h snprintf()s caller-supplied paths into fixed-size fields; where
+ * GCC inlines it with a larger source buffer, -Wformat-truncation fires
+ * under -Werror. Our paths are short (/tmp/ft-test.XXXXXX/...).
  */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
 #include "harness.h"
 
-#define VOL_SIZE    (64ull << 20)
-#define MAX_PAYLOAD (32u << 20)
+#define VOL_SIZE     (64ull << 20)
+#define MAX_PAYLOAD  (32u << 20)
 #define FLAG_UNKNOWN (1u << 7) /* no NBD command flag is defined at bit 7 */
 
 enum backing {
@@ -164,8 +164,9 @@ static double vol_metric(struct env *e, const char *name, const char *vol, const
 /* Sum of flashtier_request_errors_total over every op of @vol. */
 static double vol_errors(struct env *e, const char *vol)
 {
-	static const char *const ops[] = { "read", "write", "flush", "trim", "write_zeroes",
-					   "cache" };
+	static const char *const ops[] = {
+		"read", "write", "flush", "trim", "write_zeroes", "cache"
+	};
 	double sum = 0;
 
 	for (int i = 0; i < 6; i++)
@@ -237,8 +238,7 @@ static void expect_usable(struct client *c, const char *after)
 
 	fill(want, sizeof(want), PROBE_OFF, PROBE_SEED);
 	memset(got, 0, sizeof(got));
-	if (nbd_aio_is_ready(c->h) != 1 ||
-	    nbd_pread(c->h, got, sizeof(got), PROBE_OFF, 0) != 0) {
+	if (nbd_aio_is_ready(c->h) != 1 || nbd_pread(c->h, got, sizeof(got), PROBE_OFF, 0) != 0) {
 		cr_expect_fail("after %s: the connection is no longer usable: %s", after,
 			       nbd_get_error());
 		handle_close(c->h);
@@ -299,10 +299,10 @@ static void bad_requests(enum backing kind, bool structured)
 	expect_usable(&cl, "connecting");
 
 	/* cl.h is re-read each time: expect_reject() may have reconnected. */
-#define REJECT(call, want)                                    \
-	do {                                                  \
-		expect_reject(&cl, (call), (want), #call);    \
-		n++;                                          \
+#define REJECT(call, want)                                                                         \
+	do {                                                                                       \
+		expect_reject(&cl, (call), (want), #call);                                         \
+		n++;                                                                               \
 	} while (0)
 
 	/* Past the end: reads, trims and caches EINVAL, writes ENOSPC. */
@@ -439,10 +439,10 @@ static void read_only(enum backing kind, bool structured)
 	cr_assert_eq(nbd_is_read_only(cl.h), 1);
 	expect_usable(&cl, "connecting");
 
-#define REJECT(call, want)                                    \
-	do {                                                  \
-		expect_reject(&cl, (call), (want), #call);    \
-		n++;                                          \
+#define REJECT(call, want)                                                                         \
+	do {                                                                                       \
+		expect_reject(&cl, (call), (want), #call);                                         \
+		n++;                                                                               \
 	} while (0)
 
 	REJECT(nbd_pwrite(cl.h, buf, 512, 0, 0), EPERM);
@@ -539,8 +539,7 @@ static void rejected_write_payload(enum backing kind, bool structured)
 		      "32 MiB + 512 write");
 	expect_reject(&v, nbd_pwrite(v.h, buf, MAX_PAYLOAD + 4096, 4096, LIBNBD_CMD_FLAG_FUA),
 		      EINVAL, "32 MiB + 4 KiB FUA write");
-	expect_reject(&v, nbd_pwrite(v.h, buf, 1u << 20, 100, 0), EINVAL,
-		      "1 MiB misaligned write");
+	expect_reject(&v, nbd_pwrite(v.h, buf, 1u << 20, 100, 0), EINVAL, "1 MiB misaligned write");
 	expect_reject(&ro, nbd_pwrite(ro.h, buf, 1u << 20, PROBE_OFF, 0), EPERM,
 		      "1 MiB write to a read-only volume");
 	expect_reject(&ro, nbd_pwrite(ro.h, buf, MAX_PAYLOAD, 0, 0), EPERM,
@@ -740,8 +739,7 @@ static void raw_expect_usable(int fd, uint64_t cookie, const char *after)
 
 	fill(want, sizeof(want), PROBE_OFF, PROBE_SEED);
 	raw_request(fd, NBD_CMD_READ, 0, cookie, PROBE_OFF, PROBE_LEN);
-	cr_assert_eq(raw_reply(fd, cookie, got, PROBE_LEN), 0, "after %s: good read failed",
-		     after);
+	cr_assert_eq(raw_reply(fd, cookie, got, PROBE_LEN), 0, "after %s: good read failed", after);
 	cr_assert_arr_eq(got, want, PROBE_LEN, "after %s: wrong data", after);
 }
 
@@ -767,7 +765,8 @@ static void raw_bad(bool structured)
 		{ NBD_CMD_READ, 0xffff, 0, 512, NBD_EINVAL, "READ with every flag" },
 		{ NBD_CMD_TRIM, 1u << 15, 0, 512, NBD_EINVAL, "TRIM with flag bit 15" },
 		{ NBD_CMD_READ, 0, 0, 0xffffffffu, NBD_EINVAL, "READ of 4 GiB - 1" },
-		{ NBD_CMD_READ, 0, UINT64_MAX - 511, 512, NBD_EINVAL, "READ of the last 2^64 sector" },
+		{ NBD_CMD_READ, 0, UINT64_MAX - 511, 512, NBD_EINVAL,
+		  "READ of the last 2^64 sector" },
 		{ NBD_CMD_CACHE, 0, 0, 0xfffffe00u, NBD_EINVAL, "CACHE of 4 GiB past the end" },
 	};
 	size_t n = sizeof(cases) / sizeof(cases[0]);

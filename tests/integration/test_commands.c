@@ -11,9 +11,9 @@
 #include <stdint.h>
 
 /*
- * harness.h copies a char[320] socket path into sun_path[108] with
- * snprintf; GCC's -O2 inlining turns that into a -Wformat-truncation
- * error under -Werror. Our paths are short (/tmp/ft-test.XXXXXX/...).
+ * harness.h snprintf()s caller-supplied paths into fixed-size fields; where
+ * GCC inlines it with a larger source buffer, -Wformat-truncation fires
+ * under -Werror. Our paths are short (/tmp/ft-test.XXXXXX/...).
  */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
 #include "harness.h"
@@ -29,7 +29,7 @@ enum backing {
 struct env {
 	struct ft_agent a;
 	char dir[256];
-	char file[320];    /* B_FILE: the backing file */
+	char file[320];	    /* B_FILE: the backing file */
 	char kit_sock[320]; /* B_NBD: nbdkit's socket */
 	pid_t kit;
 	enum backing kind;
@@ -105,6 +105,7 @@ TestSuite(commands, .fini = env_teardown, .timeout = 60);
 /* Flags for env_start(). */
 #define ENV_WITH_RO    (1u << 0) /* also a read-only volume "ro" on the same store */
 #define ENV_WITH_OTHER (1u << 1) /* also a third volume "w" */
+#define ENV_SIZE_1000  (1u << 2) /* B_FILE: a 1000-byte backing file */
 
 /* The "backing" value for the environment's store. */
 static void env_backing(const struct env *e, char *out, size_t len)
@@ -131,7 +132,9 @@ static void env_start_kit(struct env *e, enum backing kind, unsigned flags,
 	e->kind = kind;
 	th_mkdtemp(e->dir, sizeof(e->dir));
 	if (kind == B_FILE) {
-		th_make_file(e->dir, "disk.img", (long long)VOL_SIZE, e->file, sizeof(e->file));
+		th_make_file(e->dir, "disk.img",
+			     (flags & ENV_SIZE_1000) ? 1000 : (long long)VOL_SIZE, e->file,
+			     sizeof(e->file));
 	} else {
 		static char bufs[8][400];
 		const char *args[16];
@@ -212,20 +215,20 @@ static void fill(void *buf, size_t len, uint64_t off, uint32_t seed)
 		p[i] = (off + 8 * i + 1) * 0x9e3779b97f4a7c15ull ^ ((uint64_t)seed << 32 | seed);
 }
 
-/* Assert @buf holds fill(off, seed) (or zeroes when @seed is 0 and @zero). */
-static void expect_fill(const void *buf, size_t len, uint64_t off, uint32_t seed,
-			const char *what)
+/* Assert @buf holds what fill(@off, @seed) wrote. */
+static void expect_fill(const void *buf, size_t len, uint64_t off, uint32_t seed, const char *what)
 {
 	const uint64_t *p = buf;
 
 	for (size_t i = 0; i < len / 8; i++) {
-		uint64_t want = (off + 8 * i + 1) * 0x9e3779b97f4a7c15ull ^
-				((uint64_t)seed << 32 | seed);
+		uint64_t want =
+			(off + 8 * i + 1) * 0x9e3779b97f4a7c15ull ^ ((uint64_t)seed << 32 | seed);
 
 		if (p[i] != want)
-			cr_assert_fail("%s: mismatch at offset %llu (+%zu): got %016llx want %016llx",
-				       what, (unsigned long long)off, i * 8,
-				       (unsigned long long)p[i], (unsigned long long)want);
+			cr_assert_fail(
+				"%s: mismatch at offset %llu (+%zu): got %016llx want %016llx",
+				what, (unsigned long long)off, i * 8, (unsigned long long)p[i],
+				(unsigned long long)want);
 	}
 }
 
@@ -259,7 +262,8 @@ static void store_read(struct env *e, void *buf, size_t len, uint64_t off)
 		while (done < len) {
 			ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
 
-			cr_assert_gt(n, 0, "pread backing file: %s", n < 0 ? strerror(errno) : "EOF");
+			cr_assert_gt(n, 0, "pread backing file: %s",
+				     n < 0 ? strerror(errno) : "EOF");
 			done += (size_t)n;
 		}
 		close(fd);
@@ -318,7 +322,7 @@ static double vol_metric(struct env *e, const char *name, const char *vol, const
 
 /* What a test issued, to compare with flashtier_requests_total and friends. */
 struct counts {
-	uint64_t n[6];      /* requests by op (errors included, as the agent counts them) */
+	uint64_t n[6];	    /* requests by op (errors included, as the agent counts them) */
 	uint64_t bytes[6];  /* bytes of successful requests by op */
 	uint64_t errors[6]; /* requests that failed */
 };
@@ -332,8 +336,9 @@ enum {
 	OP_CACHE,
 };
 
-static const char *const op_label[6] = { "read", "write", "flush",
-					  "trim", "write_zeroes", "cache" };
+static const char *const op_label[6] = {
+	"read", "write", "flush", "trim", "write_zeroes", "cache"
+};
 
 static void count(struct counts *c, int op, uint64_t bytes)
 {
@@ -357,10 +362,11 @@ static void expect_metrics(struct env *e, const char *vol, const struct counts *
 		cr_expect_eq((uint64_t)n, c->n[op], "requests_total{op=%s} = %.0f, issued %llu",
 			     op_label[op], n, (unsigned long long)c->n[op]);
 		cr_expect_eq((uint64_t)b, c->bytes[op],
-			     "request_bytes_total{op=%s} = %.0f, issued %llu bytes", op_label[op], b,
-			     (unsigned long long)c->bytes[op]);
-		cr_expect_eq((uint64_t)err, c->errors[op], "request_errors_total{op=%s} = %.0f, want %llu",
-			     op_label[op], err, (unsigned long long)c->errors[op]);
+			     "request_bytes_total{op=%s} = %.0f, issued %llu bytes", op_label[op],
+			     b, (unsigned long long)c->bytes[op]);
+		cr_expect_eq((uint64_t)err, c->errors[op],
+			     "request_errors_total{op=%s} = %.0f, want %llu", op_label[op], err,
+			     (unsigned long long)c->errors[op]);
 	}
 	cr_expect_eq(vol_metric(e, "flashtier_invalid_requests_total", vol, NULL), 0);
 	cr_expect_eq(vol_metric(e, "flashtier_requests_in_flight", vol, NULL), 0);
@@ -453,6 +459,27 @@ static const struct span rw_spans[] = {
 
 #define N_SPANS (sizeof(rw_spans) / sizeof(rw_spans[0]))
 
+struct chunks {
+	int n;
+	uint64_t offset;
+	size_t count;
+	unsigned status;
+};
+
+static int chunk_cb(void *user_data, const void *subbuf, size_t cnt, uint64_t offset,
+		    unsigned status, int *error)
+{
+	struct chunks *ch = user_data;
+
+	(void)subbuf;
+	(void)error;
+	ch->n++;
+	ch->offset = offset;
+	ch->count = cnt;
+	ch->status = status;
+	return 0;
+}
+
 static void rw_roundtrip(enum backing kind, bool structured)
 {
 	struct env *e = &g_env;
@@ -481,13 +508,37 @@ static void rw_roundtrip(enum backing kind, bool structured)
 	store_expect_fill(e, 512, 512 * 3, 7);
 	store_expect_fill(e, (1u << 20) - 512 * 4, 512 * 4, 100 + N_SPANS - 1);
 	store_expect_fill(e, 4096, 1u << 20, 8);
-	store_expect_fill(e, MAX_PAYLOAD - (1u << 20) - 4096, (1u << 20) + 4096,
-			  100 + N_SPANS - 1);
+	store_expect_fill(e, MAX_PAYLOAD - (1u << 20) - 4096, (1u << 20) + 4096, 100 + N_SPANS - 1);
 	store_expect_fill(e, MAX_PAYLOAD, VOL_SIZE - MAX_PAYLOAD, 100 + N_SPANS - 2);
 
 	/* Reads of the whole export in maximum-payload pieces agree with the store. */
 	do_expect_read(h, &c, 512, 512 * 3, 7);
 	do_expect_read(h, &c, MAX_PAYLOAD, VOL_SIZE - MAX_PAYLOAD, 100 + N_SPANS - 2);
+
+	/* Structured: a read comes back as one data chunk at the right offset, DF or not. */
+	if (structured) {
+		for (uint32_t df = 0; df <= LIBNBD_CMD_FLAG_DF; df += LIBNBD_CMD_FLAG_DF) {
+			struct chunks ch = { 0 };
+			void *buf = xmalloc(1u << 20);
+
+			cr_assert_eq(
+				nbd_pread_structured(h, buf, 1u << 20, 512 * 4,
+						     (nbd_chunk_callback){ .callback = chunk_cb,
+									   .user_data = &ch },
+						     df),
+				0, "pread_structured: %s", nbd_get_error());
+			count(&c, OP_READ, 1u << 20);
+			cr_expect_eq(ch.n, 1, "%d chunks for one read", ch.n);
+			cr_expect_eq(ch.offset, 512 * 4);
+			cr_expect_eq(ch.count, 1u << 20);
+			cr_expect_eq(ch.status, LIBNBD_READ_DATA);
+			expect_fill(buf, (1u << 20) - 2048, 2048, 100 + N_SPANS - 1,
+				    "structured read");
+			expect_fill((char *)buf + (1u << 20) - 2048, 2048, 1u << 20, 8,
+				    "structured read");
+			free(buf);
+		}
+	}
 
 	cr_expect_eq(vol_metric(e, "flashtier_connections", "v", NULL), 1);
 	expect_metrics(e, "v", &c);
@@ -530,11 +581,10 @@ static void zero_trim_cache(enum backing kind, bool structured)
 
 	/* 8 MiB of data, then zero pieces of it with each flag combination. */
 	do_pwrite(h, &c, 8 * mib, 0, 1, 0);
-	do_zero(h, &c, 64 * 1024, 4096, 0);                           /* may punch */
-	do_zero(h, &c, 512, mib + 512, LIBNBD_CMD_FLAG_NO_HOLE);       /* must allocate */
+	do_zero(h, &c, 64 * 1024, 4096, 0);			 /* may punch */
+	do_zero(h, &c, 512, mib + 512, LIBNBD_CMD_FLAG_NO_HOLE); /* must allocate */
 	do_zero(h, &c, 4096, 2 * mib, LIBNBD_CMD_FLAG_FUA);
-	do_zero(h, &c, 128 * 1024, 3 * mib - 512,
-		LIBNBD_CMD_FLAG_NO_HOLE | LIBNBD_CMD_FLAG_FUA);
+	do_zero(h, &c, 128 * 1024, 3 * mib - 512, LIBNBD_CMD_FLAG_NO_HOLE | LIBNBD_CMD_FLAG_FUA);
 
 	/* Exactly the zeroed ranges read as zero; their neighbours keep their data. */
 	do_expect_read(h, &c, 4096, 0, 1);
@@ -690,8 +740,8 @@ Test(commands, zero_emulated_nbd)
  */
 Test(commands, fast_zero_enotsup_nbd)
 {
-	static const char *const args[] = { "--filter=nozero", "memory", "64M",
-					    "zeromode=plugin", "fastzeromode=slow", NULL };
+	static const char *const args[] = { "--filter=nozero",	 "memory", "64M", "zeromode=plugin",
+					    "fastzeromode=slow", NULL };
 	struct env *e = &g_env;
 	struct counts c = { 0 };
 	struct nbd_handle *h;
@@ -841,8 +891,8 @@ static int kit_log_count(struct env *e, const char *cmd, const char *must_have)
 			sscanf(p, "%31s", conn);
 			continue;
 		}
-		if (conn[0] && strncmp(p, conn, strlen(conn)) == 0 &&
-		    p[strlen(conn)] == ' ' && strstr(line, pat) /* not " ...Write id=" */ &&
+		if (conn[0] && strncmp(p, conn, strlen(conn)) == 0 && p[strlen(conn)] == ' ' &&
+		    strstr(line, pat) /* not " ...Write id=" */ &&
 		    (!must_have || strstr(line, must_have)))
 			n++;
 	}
@@ -858,14 +908,10 @@ static int kit_log_count(struct env *e, const char *cmd, const char *must_have)
  */
 Test(commands, nbd_remote_limits)
 {
-	static const char *const args[] = { "--filter=log",
-					    "--filter=blocksize-policy",
-					    "--filter=nocache",
-					    "memory",
-					    "64M",
-					    "logfile=DIR/io.log",
-					    "blocksize-maximum=1M",
-					    NULL };
+	static const char *const args[] = {
+		"--filter=log", "--filter=blocksize-policy", "--filter=nocache",     "memory",
+		"64M",		"logfile=DIR/io.log",	     "blocksize-maximum=1M", NULL
+	};
 	struct env *e = &g_env;
 	struct counts c = { 0 };
 	struct nbd_handle *h;
@@ -893,6 +939,65 @@ Test(commands, nbd_remote_limits)
 	expect_metrics(e, "v", &c);
 	disconnect(h);
 	env_finish(e);
+}
+
+/*
+ * A store whose size is not a multiple of 512: the volume advertises the
+ * store's own minimum block size (1) so the tail stays reachable, and the
+ * bounds are exact to the byte.
+ */
+static void odd_size(enum backing kind)
+{
+	static const char *const args[] = { "memory", "1000", NULL };
+	struct env *e = &g_env;
+	struct nbd_handle *h;
+	uint8_t buf[1000], want[1000];
+
+	env_start_kit(e, kind, ENV_SIZE_1000, args);
+	h = connect_export(e, "v", true);
+	cr_assert_eq(nbd_set_strict_mode(h, 0), 0);
+	cr_assert_eq(nbd_get_size(h), 1000);
+	cr_expect_eq(nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM), 1);
+	cr_expect_eq(nbd_get_block_size(h, LIBNBD_SIZE_PREFERRED), 4096);
+	cr_expect_eq(nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM), 33554432);
+
+	for (int i = 0; i < 1000; i++)
+		want[i] = (uint8_t)(i * 7 + 3);
+	cr_assert_eq(nbd_pwrite(h, want, 1000, 0, 0), 0, "%s", nbd_get_error());
+	cr_assert_eq(nbd_pwrite(h, "xyz", 3, 997, LIBNBD_CMD_FLAG_FUA), 0, "%s", nbd_get_error());
+	memcpy(want + 997, "xyz", 3);
+	cr_assert_eq(nbd_zero(h, 10, 13, 0), 0, "%s", nbd_get_error());
+	memset(want + 13, 0, 10);
+	cr_assert_eq(nbd_pread(h, buf, 1000, 0, 0), 0, "%s", nbd_get_error());
+	cr_expect_arr_eq(buf, want, 1000);
+	cr_assert_eq(nbd_pread(h, buf, 1, 999, 0), 0, "%s", nbd_get_error());
+	cr_expect_eq(buf[0], 'z');
+
+	/* One byte past the end. */
+	cr_expect_eq(nbd_pread(h, buf, 1, 1000, 0), -1);
+	cr_expect_eq(nbd_get_errno(), EINVAL, "%s", nbd_get_error());
+	cr_expect_eq(nbd_pread(h, buf, 2, 999, 0), -1);
+	cr_expect_eq(nbd_get_errno(), EINVAL, "%s", nbd_get_error());
+	cr_expect_eq(nbd_pwrite(h, buf, 2, 999, 0), -1);
+	cr_expect_eq(nbd_get_errno(), ENOSPC, "%s", nbd_get_error());
+	cr_expect_eq(nbd_zero(h, 1, 1000, 0), -1);
+	cr_expect_eq(nbd_get_errno(), ENOSPC, "%s", nbd_get_error());
+
+	cr_assert_eq(nbd_flush(h, 0), 0, "%s", nbd_get_error());
+	store_read(e, buf, 1000, 0);
+	cr_expect_arr_eq(buf, want, 1000, "backing store");
+	disconnect(h);
+	env_finish(e);
+}
+
+Test(commands, odd_size_file)
+{
+	odd_size(B_FILE);
+}
+
+Test(commands, odd_size_nbd)
+{
+	odd_size(B_NBD);
 }
 
 /* ---- export listing, NBD_OPT_INFO, the default export ---- */
@@ -939,8 +1044,8 @@ static void listing(enum backing kind, bool structured)
 	cr_assert_eq(nbd_opt_list(h, (nbd_list_callback){ .callback = list_cb, .user_data = &l }),
 		     3, "opt_list: %s", nbd_get_error());
 	cr_expect_eq(l.n, 3);
-	cr_expect(listed(&l, "v") && listed(&l, "ro") && listed(&l, "w"),
-		  "listed: %s %s %s", l.names[0], l.names[1], l.names[2]);
+	cr_expect(listed(&l, "v") && listed(&l, "ro") && listed(&l, "w"), "listed: %s %s %s",
+		  l.names[0], l.names[1], l.names[2]);
 
 	/* INFO on an unknown export fails and leaves negotiation usable. */
 	cr_assert_eq(nbd_set_export_name(h, "no-such-export"), 0);
@@ -979,8 +1084,8 @@ static void listing(enum backing kind, bool structured)
 		/* Volume "w" has a domain label, so look it up with its own labels. */
 		char *text = th_http_get(e->a.metrics_port, "/metrics");
 
-		cr_expect_eq(th_metric(text, "flashtier_connections{volume=\"w\",domain=\"vm1\"}"), 1,
-			     "metrics:\n%s", text);
+		cr_expect_eq(th_metric(text, "flashtier_connections{volume=\"w\",domain=\"vm1\"}"),
+			     1, "metrics:\n%s", text);
 		free(text);
 	}
 	disconnect(h);
@@ -1115,7 +1220,8 @@ static void poll_handles(struct nbd_handle **hs, int n)
 	for (int i = 0; i < n; i++) {
 		unsigned dir = nbd_aio_get_direction(hs[i]);
 
-		if ((dir & LIBNBD_AIO_DIRECTION_READ) && (pfd[i].revents & (POLLIN | POLLHUP | POLLERR)))
+		if ((dir & LIBNBD_AIO_DIRECTION_READ) &&
+		    (pfd[i].revents & (POLLIN | POLLHUP | POLLERR)))
 			cr_assert_neq(nbd_aio_notify_read(hs[i]), -1, "conn %d: %s", i,
 				      nbd_get_error());
 		else if ((dir & LIBNBD_AIO_DIRECTION_WRITE) && (pfd[i].revents & POLLOUT))
@@ -1230,18 +1336,71 @@ Test(commands, two_connections_nbd)
 }
 
 /*
+ * One connection with 1024 commands in flight, far beyond what the agent
+ * reads ahead (it throttles, then resumes as replies leave): all complete
+ * and all data is right.
+ */
+#define DQ_N 1024
+
+static void deep_queue(enum backing kind)
+{
+	struct env *e = &g_env;
+	struct counts c = { 0 };
+	struct nbd_handle *h;
+	struct aop *ops = calloc(DQ_N, sizeof(*ops));
+
+	cr_assert_not_null(ops);
+	env_start(e, kind, 0);
+	h = connect_export(e, "v", kind == B_FILE);
+	for (int i = 0; i < DQ_N; i++) {
+		ops[i].op = OP_WRITE;
+		ops[i].off = (uint64_t)i * 4096;
+		ops[i].len = 4096;
+		ops[i].seed = 5000 + (uint32_t)i;
+		ops[i].buf = xmalloc(4096);
+		aop_issue(h, &ops[i], &c);
+	}
+	cr_expect_gt(nbd_aio_in_flight(h), 128, "the queue was not deep");
+	run_until_done(&h, 1, ops, DQ_N);
+	for (int i = 0; i < DQ_N; i++) {
+		/* Reads in reverse order, so replies cannot simply trail the writes. */
+		ops[i].op = OP_READ;
+		ops[i].off = (uint64_t)(DQ_N - 1 - i) * 4096;
+		ops[i].seed = 5000 + (uint32_t)(DQ_N - 1 - i);
+		aop_issue(h, &ops[i], &c);
+	}
+	run_until_done(&h, 1, ops, DQ_N);
+	for (int i = 0; i < DQ_N; i++)
+		free(ops[i].buf);
+	free(ops);
+	expect_metrics(e, "v", &c);
+	disconnect(h);
+	env_finish(e);
+}
+
+Test(commands, deep_queue_file)
+{
+	deep_queue(B_FILE);
+}
+
+Test(commands, deep_queue_nbd)
+{
+	deep_queue(B_NBD);
+}
+
+/*
  * Eight connections with eight commands in flight each, random reads,
  * writes, zeroes and flushes over 16 MiB, checked against an in-memory
  * model. A block range is locked while a command on it is in flight, so
  * the expected content of every read is exact even though commands on
  * different connections race freely.
  */
-#define MC_CONNS   8
-#define MC_QD      8
-#define MC_BLOCK   4096u
-#define MC_BLOCKS  4096u /* 16 MiB */
-#define MC_MAXBLK  16u
-#define MC_OPS     2400
+#define MC_CONNS  8
+#define MC_QD	  8
+#define MC_BLOCK  4096u
+#define MC_BLOCKS 4096u /* 16 MiB */
+#define MC_MAXBLK 16u
+#define MC_OPS	  2400
 
 struct mc {
 	uint8_t *model;
@@ -1313,8 +1472,9 @@ static void many_connections(enum backing kind)
 
 					while (((uint8_t *)o->buf)[k] == m.model[o->off + k])
 						k++;
-					cr_assert_fail("conn %d: read %u@%llu differs from the model at +%u",
-						       o->conn, o->len, (unsigned long long)o->off, k);
+					cr_assert_fail(
+						"conn %d: read %u@%llu differs from the model at +%u",
+						o->conn, o->len, (unsigned long long)o->off, k);
 				}
 				break;
 			case OP_WRITE:

@@ -18,9 +18,9 @@
 #include "flashtier/nbd_proto.h"
 
 /*
- * harness.h copies a char[320] socket path into sun_path[108] with
- * snprintf; GCC's -O2 inlining turns that into a -Wformat-truncation
- * error under -Werror. Our paths are short (/tmp/ft-test.XXXXXX/...).
+ * harness.h snprintf()s caller-supplied paths into fixed-size fields; where
+ * GCC inlines it with a larger source buffer, -Wformat-truncation fires
+ * under -Werror. Our paths are short (/tmp/ft-test.XXXXXX/...).
  */
 #pragma GCC diagnostic ignored "-Wformat-truncation"
 #include "harness.h"
@@ -155,8 +155,8 @@ static void wait_metric(struct env *e, const char *prefix, double want)
 	cr_assert_fail("%s stayed at %.0f, want %.0f", prefix, v, want);
 }
 
-#define CONNS_V       "flashtier_connections{volume=\"v\",domain=\"\"}"
-#define CONNS_N       "flashtier_connections{volume=\"n\",domain=\"\"}"
+#define CONNS_V	      "flashtier_connections{volume=\"v\",domain=\"\"}"
+#define CONNS_N	      "flashtier_connections{volume=\"n\",domain=\"\"}"
 #define CONNS_TOTAL_V "flashtier_connections_total{volume=\"v\",domain=\"\"}"
 #define CONNS_TOTAL_N "flashtier_connections_total{volume=\"n\",domain=\"\"}"
 #define ACCEPTED      "flashtier_accepted_connections_total"
