@@ -11,6 +11,7 @@ PREFIX  ?= /usr/local
 SBINDIR ?= $(PREFIX)/sbin
 DATADIR ?= $(PREFIX)/share
 MANDIR  ?= $(DATADIR)/man
+UNITDIR ?= $(PREFIX)/lib/systemd/system
 
 PKGS := liburing libnbd jansson libmicrohttpd
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
@@ -82,11 +83,13 @@ bench: $(AGENT)
 install: $(AGENT)
 	install -D -m 0755 $(AGENT) $(DESTDIR)$(SBINDIR)/flashtierd
 	install -D -m 0644 contrib/flashtierd.example.json $(DESTDIR)$(DATADIR)/flashtier/flashtierd.example.json
-	install -D -m 0644 contrib/flashtierd.service $(DESTDIR)$(DATADIR)/flashtier/flashtierd.service
+	@mkdir -p $(DESTDIR)$(UNITDIR)
+	sed 's|/usr/local/sbin|$(SBINDIR)|g' contrib/flashtierd.service > $(DESTDIR)$(UNITDIR)/flashtierd.service
 	install -D -m 0644 contrib/flashtierd.8 $(DESTDIR)$(MANDIR)/man8/flashtierd.8
 
 uninstall:
-	rm -f $(DESTDIR)$(SBINDIR)/flashtierd $(DESTDIR)$(MANDIR)/man8/flashtierd.8
+	rm -f $(DESTDIR)$(SBINDIR)/flashtierd $(DESTDIR)$(MANDIR)/man8/flashtierd.8 \
+		$(DESTDIR)$(UNITDIR)/flashtierd.service
 	rm -rf $(DESTDIR)$(DATADIR)/flashtier
 
 format:
