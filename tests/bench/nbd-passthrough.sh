@@ -8,13 +8,18 @@
 #   nbdkit-file    nbdkit file plugin over the SAME file (nbdkit defaults)
 #   nbdkit-memory  nbdkit memory plugin (transport ceiling), pre-filled
 # Client: fio's nbd ioengine, pinned to BENCH_CLIENT_CPU, one job per workload.
+# Rounds: BENCH_ROUNDS rounds; in each round every server is started, measured
+# on every workload and stopped, in turn, so the servers are interleaved in
+# time and slow drift of the machine hits all of them alike. The report gives
+# per-metric medians across rounds and the min-max of the per-round ratios.
 # Server CPU: utime+stime of the server process (all threads) over fio's
 # measured window, divided by the I/Os fio completed.
 #
 # Usage: AGENT=build/flashtierd tests/bench/nbd-passthrough.sh   (or: make bench)
 # Environment (all optional):
 #   AGENT               flashtierd binary (default: build/flashtierd)
-#   BENCH_RUNTIME       seconds measured per workload (default 10; 2 = smoke run)
+#   BENCH_ROUNDS        rounds over all servers and workloads (default 3)
+#   BENCH_RUNTIME       seconds measured per workload and round (default 8; 2 = smoke run)
 #   BENCH_RAMP          seconds of ramp before measuring (default 2, 1 if RUNTIME < 10)
 #   BENCH_SIZE_MIB      size of the backing file and memory disk (default 1024)
 #   BENCH_SERVER_CPU    CPU for the server (default 0)
@@ -34,7 +39,8 @@ ROOT=$(cd "$HERE/../.." && pwd)
 PROG=nbd-passthrough
 
 AGENT=${AGENT:-$ROOT/build/flashtierd}
-RUNTIME=${BENCH_RUNTIME:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
+RUNTIME=${BENCH_RUNTIME:-8}
 if [ -z "${BENCH_RAMP:-}" ]; then
 	if [ "$RUNTIME" -ge 10 ] 2>/dev/null; then RAMP=2; else RAMP=1; fi
 else
@@ -113,6 +119,8 @@ for tool in fio nbdkit taskset python3 getconf; do
 	command -v "$tool" >/dev/null || die "'$tool' not found in PATH"
 done
 [ -x "$AGENT" ] || die "AGENT=$AGENT is not an executable (build it first: make)"
+case $ROUNDS in '' | *[!0-9]*) die "BENCH_ROUNDS must be a whole number, got '$ROUNDS'" ;; esac
+[ "$ROUNDS" -ge 1 ] || die "BENCH_ROUNDS must be >= 1"
 case $RUNTIME in '' | *[!0-9]*) die "BENCH_RUNTIME must be whole seconds, got '$RUNTIME'" ;; esac
 case $RAMP in '' | *[!0-9]*) die "BENCH_RAMP must be whole seconds, got '$RAMP'" ;; esac
 case $SIZE_MIB in '' | *[!0-9]*) die "BENCH_SIZE_MIB must be a number, got '$SIZE_MIB'" ;; esac
@@ -169,8 +177,11 @@ echo "   nbdkit:     $NBDKIT_VERSION"
 echo "   kernel:     $KERNEL"
 echo "   flashtierd: $AGENT_VERSION, git $GIT_REV ($AGENT)"
 echo "   CPU:        $CPU_MODEL, $NCPU CPUs; server on CPU $SERVER_CPU, fio on CPU $CLIENT_CPU"
-echo "   runtime:    ${RUNTIME}s + ${RAMP}s ramp per workload; load average: $LOADAVG_START"
-if [ "$RUNTIME" -lt 10 ]; then echo "   (short runtime: smoke run, numbers are indicative only)"; fi
+echo "   rounds:     $ROUNDS (each round: every server started, measured, stopped in turn: $SERVERS)"
+echo "   runtime:    ${RUNTIME}s + ${RAMP}s ramp per workload and round; load average: $LOADAVG_START"
+if [ "$RUNTIME" -lt 5 ] || [ "$ROUNDS" -lt 3 ]; then
+	echo "   (short runtime or fewer than 3 rounds: smoke run, numbers are indicative only)"
+fi
 
 # ---------------------------------------------------------------- setup
 WORK=$(mktemp -d /dev/shm/flashtier-bench.XXXXXX)
@@ -187,6 +198,7 @@ alloc_kib=$(du -k "$DISK" | cut -f1)
 SOCK=
 URI=
 AGENT_IO_MODE=
+ROUND=
 
 start_server() { # NAME
 	local name=$1 export_name='' i
@@ -241,15 +253,15 @@ start_server() { # NAME
 
 # Every thread of the server must be on SERVER_CPU (io_uring workers and
 # nbdkit's per-connection threads included). The sampler records the threads
-# it sees while fio runs; summarise them here.
+# it sees while fio runs; summarise them here (for this server start).
 check_server_affinity() {
 	local summary
-	if summary=$(python3 "$HERE/report.py" threads --cpu "$SERVER_CPU" "$RUNS/$SERVER_NAME".*.threads); then
+	if summary=$(python3 "$HERE/report.py" threads --cpu "$SERVER_CPU" "$RUNS/$SERVER_NAME".*".r$ROUND.threads"); then
 		log "$SERVER_NAME: $summary; all pinned to CPU $SERVER_CPU"
 	else
 		log "WARNING: $SERVER_NAME: $summary"
 	fi
-	echo "$summary" >"$RUNS/$SERVER_NAME.threads-summary"
+	echo "$summary" >"$RUNS/$SERVER_NAME.r$ROUND.threads-summary"
 }
 
 stop_server() {
@@ -270,7 +282,7 @@ stop_server() {
 		log "WARNING: $SERVER_NAME logged errors/warnings:"
 		grep -Ei 'error|warn|assert|sanitizer|abort' "$WORK/$SERVER_NAME.log" | sort | uniq -c | sort -rn | head -n 10 >&2
 	fi
-	cp "$WORK/$SERVER_NAME.log" "$RUNS/$SERVER_NAME.server.log"
+	cp "$WORK/$SERVER_NAME.log" "$RUNS/$SERVER_NAME.r$ROUND.server.log"
 	if [ "$SERVER_NAME" = flashtierd ]; then
 		# e.g. "...: file, 1073741824 bytes, buffered I/O" (tmpfs has no STATX_DIOALIGN)
 		AGENT_IO_MODE=$(sed -n 's/.*: file, [0-9]* bytes, //p' "$WORK/$SERVER_NAME.log" | head -n 1)
@@ -299,8 +311,8 @@ prefill() {
 
 measure() { # WORKLOAD-NAME RW BS IODEPTH
 	local name=$1 rw=$2 bs=$3 qd=$4 i
-	local out=$RUNS/$SERVER_NAME.$name
-	printf '   %-14s %-18s ' "$SERVER_NAME" "$name" >&2
+	local out=$RUNS/$SERVER_NAME.$name.r$ROUND
+	printf '   r%-3s %-14s %-18s ' "$ROUND" "$SERVER_NAME" "$name" >&2
 	python3 "$HERE/report.py" sample --threads "$out.threads" "$SERVER_PID" "$out.cpu" &
 	SAMPLER_PID=$!
 	for ((i = 0; i < 200; i++)); do
@@ -326,17 +338,22 @@ measure() { # WORKLOAD-NAME RW BS IODEPTH
 
 # ---------------------------------------------------------------- run
 FIO_PARAMS="ioengine=nbd, ${RUNTIME}s time_based after ${RAMP}s ramp_time, numjobs=1, default randrepeat"
-for s in $SERVERS; do
-	echo "== $s"
-	start_server "$s"
-	[ "$s" = nbdkit-memory ] && prefill
-	for w in "${selected[@]}"; do
-		read -r name rw bs qd <<<"$w"
-		measure "$name" "$rw" "$bs" "$qd"
-		kill -0 "$SERVER_PID" 2>/dev/null || die "$s died during $name"
+# Rounds outermost: every server gets one start/measure/stop per round, so
+# the servers alternate in time and drift of the (shared) machine is spread
+# over all of them instead of landing on whichever server ran last.
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+	for s in $SERVERS; do
+		echo "== round $ROUND/$ROUNDS: $s"
+		start_server "$s"
+		if [ "$s" = nbdkit-memory ]; then prefill; fi
+		for w in "${selected[@]}"; do
+			read -r name rw bs qd <<<"$w"
+			measure "$name" "$rw" "$bs" "$qd"
+			kill -0 "$SERVER_PID" 2>/dev/null || die "$s died during $name (round $ROUND)"
+		done
+		check_server_affinity
+		stop_server
 	done
-	check_server_affinity
-	stop_server
 done
 
 # ---------------------------------------------------------------- report
@@ -347,7 +364,7 @@ read -r -a server_list <<<"$SERVERS"
 servers_csv=$(IFS=,; echo "${server_list[*]}")
 echo
 python3 "$HERE/report.py" summarize --runs "$RUNS" --servers "$servers_csv" \
-	--workloads "${wl_specs%,}" --clk-tck "$CLK_TCK" \
+	--workloads "${wl_specs%,}" --rounds "$ROUNDS" --clk-tck "$CLK_TCK" \
 	--md "$base.md" --json "$base.json" --verdict-file "$WORK/verdict" \
 	--meta "date=$DATE" \
 	--meta "flashtierd=$AGENT_VERSION, git $GIT_REV ($AGENT), config \"reactors\": 1${AGENT_IO_MODE:+, backing file: $AGENT_IO_MODE}" \
@@ -359,7 +376,7 @@ python3 "$HERE/report.py" summarize --runs "$RUNS" --servers "$servers_csv" \
 	--meta "fio_params=$FIO_PARAMS" \
 	--meta "loadavg_start=$LOADAVG_START" \
 	--meta "loadavg_end=$(cut -d' ' -f1-3 /proc/loadavg)" \
-	--meta "runtime_s=$RUNTIME" --meta "ramp_s=$RAMP" --meta "size_mib=$SIZE_MIB" \
+	--meta "rounds=$ROUNDS" --meta "runtime_s=$RUNTIME" --meta "ramp_s=$RAMP" --meta "size_mib=$SIZE_MIB" \
 	--meta "server_cpu=$SERVER_CPU" --meta "client_cpu=$CLIENT_CPU" ||
 	die "report generation failed"
 # Keep the raw fio output and server logs next to the report.
@@ -368,7 +385,7 @@ cp "$RUNS"/* "$base.raw/"
 echo
 echo "saved: $base.md"
 echo "       $base.json"
-echo "       $base.raw/ (fio JSON, CPU samples, server logs)"
+echo "       $base.raw/ (per round: fio JSON, CPU samples, threads, server logs)"
 if [ "$STRICT" = 1 ] && [ "$(cat "$WORK/verdict")" != PASS ]; then
 	log "targets not met (BENCH_STRICT=1)"
 	exit 1

@@ -14,10 +14,19 @@
       Summarise those thread files; exit 1 if a thread was not pinned to N.
 
   report.py summarize --runs DIR --servers A,B,C --workloads SPEC,... \
-            --clk-tck N --md OUT.md --json OUT.json [--meta KEY=VALUE ...]
-      Read DIR/SERVER.WORKLOAD.fio.json and DIR/SERVER.WORKLOAD.cpu, print
-      the Markdown report on stdout and write OUT.md and OUT.json.
-      SPEC is NAME:RW:BS:IODEPTH.
+            [--rounds N] --clk-tck N --md OUT.md --json OUT.json \
+            [--meta KEY=VALUE ...]
+      Read DIR/SERVER.WORKLOAD.rROUND.fio.json and .cpu for ROUND = 1..N
+      (default 1; a raw folder from before rounds existed, without the
+      .rROUND part, is read as round 1), print the Markdown report on stdout
+      and write OUT.md and OUT.json. SPEC is NAME:RW:BS:IODEPTH.
+
+      Each metric is reported as its median across rounds (each metric's
+      median taken separately). flashtierd / nbdkit file ratios are computed
+      per round (both servers ran in the same round, close in time) and
+      reported as the median of the per-round ratios with their min-max
+      range; the targets are checked against that median. The JSON keeps
+      every round's numbers (results_per_round) and ratios (ratios).
 
 Server CPU per I/O is taken over fio's measured window only (after
 ramp_time): [timestamp_ms - runtime, timestamp_ms] from fio's JSON, with the
@@ -30,6 +39,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import sys
 import time
 
@@ -140,7 +150,11 @@ def cmd_threads(args):
 
 def load_samples(path):
     samples = []
-    with open(path) as f:
+    try:
+        f = open(path)
+    except OSError as e:
+        raise SystemExit(f"report.py: {e}")
+    with f:
         for line in f:
             parts = line.split()
             if len(parts) == 2:
@@ -170,8 +184,11 @@ def ticks_at(samples, t_ms):
 
 
 def load_fio(path):
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise SystemExit(f"report.py: {e}")
     # fio may print informational lines ("fio: connected to NBD server") before the JSON.
     start = text.find("{")
     if start < 0:
@@ -225,10 +242,79 @@ def fmt_ratio(v):
     return "n/a" if v is None else f"{v:.2f}×"
 
 
+def fmt_ratio_range(st):
+    """'1.32× (1.10–1.45)': median of the per-round ratios and their range."""
+    if st is None or st["median"] is None:
+        return "n/a"
+    if st["n"] < 2:
+        return fmt_ratio(st["median"])
+    return f"{st['median']:.2f}× ({st['min']:.2f}–{st['max']:.2f})"
+
+
 def ratio(a, b):
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def median(values):
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+# Per-run numbers whose median across rounds is reported (each separately).
+MEDIAN_KEYS = (
+    "iops", "total_ios", "runtime_ms", "bw_MiBps",
+    "clat_p50_us", "clat_p99_us", "clat_p99_9_us", "clat_mean_us",
+    "server_cpu_ticks_window", "server_cpu_pct", "cpu_us_per_io",
+    "cpu_us_per_io_whole_job", "client_cpu_pct",
+)
+# Metrics with a flashtierd / nbdkit file ratio column.
+RATIO_KEYS = ("iops", "clat_p50_us", "clat_p99_us", "cpu_us_per_io")
+
+
+def median_of_runs(runs):
+    med = {k: median(r[k] for r in runs) for k in MEDIAN_KEYS}
+    med["cpu_window_covered_by_samples"] = all(r["cpu_window_covered_by_samples"] for r in runs)
+    return med
+
+
+def ratio_stats(cand_runs, base_runs, key):
+    per_round = [ratio(c[key], b[key]) for c, b in zip(cand_runs, base_runs)]
+    vals = [v for v in per_round if v is not None]
+    return {
+        "median": statistics.median(vals) if vals else None,
+        "min": min(vals) if vals else None,
+        "max": max(vals) if vals else None,
+        "n": len(vals),
+        "rounds": per_round,
+    }
+
+
+def run_prefix(runs_dir, server, workload, rnd):
+    prefix = os.path.join(runs_dir, f"{server}.{workload}.r{rnd}")
+    legacy = os.path.join(runs_dir, f"{server}.{workload}")
+    if (rnd == 1 and not os.path.exists(prefix + ".fio.json")
+            and os.path.exists(legacy + ".fio.json")):
+        return legacy  # raw folder written before rounds existed
+    return prefix
+
+
+def thread_summaries(runs_dir, server, nrounds):
+    """One line per server: the thread summary of each server start."""
+    per_round = []
+    for rnd in range(1, nrounds + 1):
+        for name in (f"{server}.r{rnd}.threads-summary",
+                     f"{server}.threads-summary" if rnd == 1 else None):
+            if name and os.path.exists(os.path.join(runs_dir, name)):
+                with open(os.path.join(runs_dir, name)) as f:
+                    per_round.append((rnd, " / ".join(f.read().split("\n")).strip(" /")))
+                break
+    if not per_round:
+        return None
+    if len(per_round) == nrounds and len({t for _, t in per_round}) == 1:
+        return per_round[0][1] + (f" (same in each of the {nrounds} rounds)" if nrounds > 1 else "")
+    return "; ".join(f"r{rnd}: {t}" for rnd, t in per_round)
 
 
 def cmd_summarize(args):
@@ -241,21 +327,49 @@ def cmd_summarize(args):
     for spec in args.workloads.split(","):
         name, rw, bs, qd = spec.split(":")
         workloads.append({"name": name, "rw": rw, "bs": bs, "iodepth": int(qd)})
+    nrounds = args.rounds
+    if nrounds < 1:
+        raise SystemExit("report.py: --rounds must be >= 1")
+    meta.setdefault("rounds", str(nrounds))
 
-    results = {}
+    per_round = {}   # server -> workload -> [run of round 1, round 2, ...]
+    results = {}     # server -> workload -> per-metric medians
     for s in servers:
+        per_round[s] = {}
         results[s] = {}
         for w in workloads:
-            base = os.path.join(args.runs, f"{s}.{w['name']}")
-            fio = load_fio(base + ".fio.json")
-            samples = load_samples(base + ".cpu")
-            results[s][w["name"]] = summarize_run(fio, samples, w["rw"], args.clk_tck)
+            runs = []
+            for rnd in range(1, nrounds + 1):
+                prefix = run_prefix(args.runs, s, w["name"], rnd)
+                fio = load_fio(prefix + ".fio.json")
+                samples = load_samples(prefix + ".cpu")
+                run = summarize_run(fio, samples, w["rw"], args.clk_tck)
+                run["round"] = rnd
+                runs.append(run)
+            per_round[s][w["name"]] = runs
+            results[s][w["name"]] = median_of_runs(runs)
+
+    have_pair = CANDIDATE in results and BASE in results
+    ratios = {}      # workload -> key -> ratio_stats
+    if have_pair:
+        for w in workloads:
+            ratios[w["name"]] = {
+                key: ratio_stats(per_round[CANDIDATE][w["name"]], per_round[BASE][w["name"]], key)
+                for key in RATIO_KEYS}
 
     checks = []
     lines = []
     p = lines.append
-    p(f"# flashtierd pass-through vs nbdkit ({meta.get('date', '')})")
+    p(f"# flashtierd pass-through vs nbdkit ({meta.get('date', '')}, "
+      f"{nrounds} round{'s' if nrounds != 1 else ''})")
     p("")
+    order = ", ".join(SERVER_LABELS.get(s, s) for s in servers)
+    if nrounds > 1:
+        p(f"- rounds: {nrounds}; in each round every server is started, measured on every "
+          f"workload and stopped, in turn ({order}), so drift of the machine hits all "
+          f"servers alike")
+    else:
+        p(f"- rounds: 1 (one run per server: {order}); ratios from a single round are noisy")
     for key, label in (
         ("flashtierd", "flashtierd"),
         ("nbdkit", "nbdkit"),
@@ -270,27 +384,32 @@ def cmd_summarize(args):
         if meta.get(key):
             p(f"- {label}: {meta[key]}")
     for srv in servers:
-        tpath = os.path.join(args.runs, f"{srv}.threads-summary")
-        if os.path.exists(tpath):
-            with open(tpath) as f:
-                meta.setdefault("threads", {})[srv] = f.read().strip()
+        t = thread_summaries(args.runs, srv, nrounds)
+        if t:
+            meta.setdefault("threads", {})[srv] = t
     if meta.get("threads"):
         p("- server threads seen while fio ran: " + "; ".join(
             f"{SERVER_LABELS.get(k, k)}: {v}" for k, v in meta["threads"].items()))
     p("")
     p("Latencies are fio completion latency (clat) percentiles. Server CPU is "
       "utime+stime of the whole server process over fio's measured window, "
-      "divided by the I/Os fio completed in it. Ratios are flashtierd / nbdkit file.")
+      "divided by the I/Os fio completed in it. "
+      + (f"Every number is the median over the {nrounds} rounds (each metric's median "
+         "taken separately). Ratios are flashtierd / nbdkit file, computed per round; "
+         "shown is the median of the per-round ratios with their min–max range in "
+         "parentheses, and the targets use that median."
+         if nrounds > 1 else "Ratios are flashtierd / nbdkit file."))
     p("")
 
-    have_pair = CANDIDATE in results and BASE in results
+    ratio_col = "flashtierd / nbdkit file" + (" (min–max)" if nrounds > 1 else "")
     for w in workloads:
         name = w["name"]
         p(f"## {name} ({w['rw']}, bs={w['bs']}, QD{w['iodepth']})")
         p("")
-        header = ["metric"] + [SERVER_LABELS.get(s, s) for s in servers]
+        header = ["metric (median)" if nrounds > 1 else "metric"] + \
+            [SERVER_LABELS.get(s, s) for s in servers]
         if have_pair:
-            header.append("flashtierd / nbdkit file")
+            header.append(ratio_col)
         p("| " + " | ".join(header) + " |")
         p("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         rows = (
@@ -301,16 +420,14 @@ def cmd_summarize(args):
             ("server CPU (% of one core)", "server_cpu_pct", lambda v: fmt_f(v, 0)),
             ("fio CPU (% of one core)", "client_cpu_pct", lambda v: fmt_f(v, 0)),
         )
-        wr = {}
+        wr = ratios.get(name, {})
         for label, key, fmt in rows:
             cells = [label] + [fmt(results[s][name][key]) for s in servers]
             if have_pair:
-                r = ratio(results[CANDIDATE][name][key], results[BASE][name][key])
-                wr[key] = r
-                cells.append(fmt_ratio(r) if key in ("iops", "clat_p50_us", "clat_p99_us", "cpu_us_per_io") else "")
+                cells.append(fmt_ratio_range(wr[key]) if key in wr else "")
             p("| " + " | ".join(cells) + " |")
         p("")
-        # targets
+        # targets, against the median of the per-round ratios
         wchecks = []
         if w["iodepth"] >= 32:
             wchecks.append(("IOPS", "iops", ">=", args.target_iops))
@@ -318,26 +435,40 @@ def cmd_summarize(args):
             wchecks.append(("p50 clat", "clat_p50_us", "<=", args.target_p50))
         wchecks.append(("server CPU/IO", "cpu_us_per_io", "<=", args.target_cpu))
         for label, key, op, thr in wchecks:
-            r = wr.get(key)
-            if r is None:
-                verdict = "n/a"
-            elif op == ">=":
-                verdict = "PASS" if r >= thr else "FAIL"
-            else:
-                verdict = "PASS" if r <= thr else "FAIL"
+            st = wr.get(key)
+            r = st["median"] if st else None
+
+            def meets(v, op=op, thr=thr):
+                return v >= thr if op == ">=" else v <= thr
+            verdict = "n/a" if r is None else ("PASS" if meets(r) else "FAIL")
+            rounds_ok = sum(1 for v in st["rounds"] if v is not None and meets(v)) if st else 0
             checks.append({"workload": name, "metric": label, "key": key, "op": op,
-                           "target": thr, "ratio": r, "verdict": verdict})
+                           "target": thr, "ratio": r,
+                           "ratio_min": st["min"] if st else None,
+                           "ratio_max": st["max"] if st else None,
+                           "ratio_rounds": st["rounds"] if st else [],
+                           "rounds_meeting_target": rounds_ok,
+                           "verdict": verdict})
+            extra = f" ({rounds_ok} of {nrounds} rounds meet it)" if nrounds > 1 and st else ""
             p(f"- target: flashtierd {label} {op} {thr:.2f}× nbdkit file: "
-              f"{fmt_ratio(r)} → **{verdict}**")
+              f"{fmt_ratio_range(st)} → **{verdict}**{extra}")
         p("")
 
     p("## Targets")
     p("")
-    p("| workload | check | target | flashtierd / nbdkit file | result |")
-    p("|---|---|---:|---:|---|")
+    if nrounds > 1:
+        p("Verdicts use the median of the per-round ratios.")
+        p("")
+        p(f"| workload | check | target | {ratio_col} | rounds meeting target | result |")
+        p("|---|---|---:|---:|---:|---|")
+    else:
+        p("| workload | check | target | flashtierd / nbdkit file | result |")
+        p("|---|---|---:|---:|---|")
     for c in checks:
+        st = ratios.get(c["workload"], {}).get(c["key"])
+        rounds_cell = f" {c['rounds_meeting_target']} of {nrounds} |" if nrounds > 1 else ""
         p(f"| {c['workload']} | {c['metric']} | {c['op']} {c['target']:.2f}× | "
-          f"{fmt_ratio(c['ratio'])} | {c['verdict']} |")
+          f"{fmt_ratio_range(st)} |{rounds_cell} {c['verdict']} |")
     p("")
     verdicts = [c["verdict"] for c in checks]
     if not verdicts or all(v == "n/a" for v in verdicts):
@@ -348,6 +479,21 @@ def cmd_summarize(args):
         overall = "PASS"
     npass = verdicts.count("PASS")
     p(f"**Overall: {overall}** ({npass} of {len(verdicts)} checks pass)")
+
+    if nrounds > 1:
+        p("")
+        p("## IOPS per round")
+        p("")
+        p("| workload | server | " + " | ".join(f"r{i}" for i in range(1, nrounds + 1)) + " |")
+        p("|---|---|" + "---:|" * nrounds)
+        for w in workloads:
+            name = w["name"]
+            for s in servers:
+                p(f"| {name} | {SERVER_LABELS.get(s, s)} | "
+                  + " | ".join(fmt_int(r["iops"]) for r in per_round[s][name]) + " |")
+            if have_pair:
+                p(f"| {name} | flashtierd / nbdkit file | "
+                  + " | ".join(fmt_ratio(v) for v in ratios[name]["iops"]["rounds"]) + " |")
     if meta.get("notes"):
         p("")
         p(meta["notes"])
@@ -355,12 +501,19 @@ def cmd_summarize(args):
 
     out = {
         "meta": meta,
+        "rounds": nrounds,
         "workloads": workloads,
         "servers": servers,
+        # per server and workload: the median across rounds of each metric
         "results": results,
+        # per server and workload: one entry per round, as measured
+        "results_per_round": per_round,
+        # per workload and metric: flashtierd / nbdkit file, per round and summarised
+        "ratios": ratios,
         "targets": {"qd32_iops_ratio_min": args.target_iops,
                     "qd1_p50_ratio_max": args.target_p50,
-                    "cpu_per_io_ratio_max": args.target_cpu},
+                    "cpu_per_io_ratio_max": args.target_cpu,
+                    "checked_against": "median of per-round ratios"},
         "checks": checks,
         "overall": overall,
     }
@@ -395,6 +548,8 @@ def main():
     r.add_argument("--runs", required=True)
     r.add_argument("--servers", required=True)
     r.add_argument("--workloads", required=True)
+    r.add_argument("--rounds", type=int, default=1,
+                   help="number of rounds (files SERVER.WORKLOAD.rN.*), default 1")
     r.add_argument("--clk-tck", type=int, required=True)
     r.add_argument("--md", required=True)
     r.add_argument("--json", required=True)
