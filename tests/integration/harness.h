@@ -4,7 +4,8 @@
  * in $AGENT) and real nbdkit servers in a private temporary directory.
  *
  * Every helper asserts on failure (Criterion cr_assert), so a test that
- * cannot set up fails loudly instead of passing vacuously.
+ * cannot set up fails loudly instead of passing vacuously. The NBD client
+ * side (libnbd handles, raw protocol pieces) is in nbd_client.h.
  */
 #ifndef FLASHTIER_TEST_HARNESS_H
 #define FLASHTIER_TEST_HARNESS_H
@@ -15,6 +16,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +37,7 @@ struct ft_agent {
 	int metrics_port;
 };
 
+/* Sleep for @ms milliseconds. */
 static inline void th_sleep_ms(long ms)
 {
 	struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
@@ -42,10 +45,32 @@ static inline void th_sleep_ms(long ms)
 	nanosleep(&ts, NULL);
 }
 
+/* Milliseconds on the monotonic clock, for deadlines. */
+static inline double th_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+/* snprintf() into @out that asserts the result fit: no silently truncated path. */
+static inline __attribute__((format(printf, 3, 4))) void th_fmt(char *out, size_t len,
+								const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(out, len, fmt, ap);
+	va_end(ap);
+	cr_assert(n >= 0 && (size_t)n < len, "'%s...' needs %d bytes, has %zu", out, n + 1, len);
+}
+
 /* A private directory for one test. */
 static inline void th_mkdtemp(char *out, size_t len)
 {
-	snprintf(out, len, "/tmp/ft-test.XXXXXX");
+	th_fmt(out, len, "/tmp/ft-test.XXXXXX");
 	cr_assert_not_null(mkdtemp(out), "mkdtemp: %s", strerror(errno));
 }
 
@@ -55,7 +80,7 @@ static inline void th_make_file(const char *dir, const char *name, long long siz
 {
 	int fd;
 
-	snprintf(out, len, "%s/%s", dir, name);
+	th_fmt(out, len, "%s/%s", dir, name);
 	fd = open(out, O_RDWR | O_CREAT | O_TRUNC, 0644);
 	cr_assert_geq(fd, 0, "create %s: %s", out, strerror(errno));
 	cr_assert_eq(ftruncate(fd, size), 0, "ftruncate %s: %s", out, strerror(errno));
@@ -77,6 +102,7 @@ static inline int th_free_port(void)
 	return port;
 }
 
+/* A connected unix stream socket to @path, or -1. */
 static inline int th_unix_connect(const char *path)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -113,6 +139,7 @@ static inline int th_wait_socket(const char *path, pid_t pid, int timeout_ms)
 	return -1;
 }
 
+/* Copy the file at @path to stderr, each line indented (logs of failed runs). */
 static inline void th_dump_file(const char *path)
 {
 	char buf[4096];
@@ -137,10 +164,10 @@ static inline void ft_agent_start_in(struct ft_agent *a, const char *dir, const 
 
 	cr_assert_not_null(agent, "AGENT is not set: run through 'make check'");
 	memset(a, 0, sizeof(*a));
-	snprintf(a->dir, sizeof(a->dir), "%s", dir);
-	snprintf(a->sock, sizeof(a->sock), "%s/nbd.sock", dir);
-	snprintf(a->config, sizeof(a->config), "%s/flashtierd.json", dir);
-	snprintf(a->log, sizeof(a->log), "%s/agent.log", dir);
+	th_fmt(a->dir, sizeof(a->dir), "%s", dir);
+	th_fmt(a->sock, sizeof(a->sock), "%s/nbd.sock", dir);
+	th_fmt(a->config, sizeof(a->config), "%s/flashtierd.json", dir);
+	th_fmt(a->log, sizeof(a->log), "%s/agent.log", dir);
 	a->metrics_port = th_free_port();
 	f = fopen(a->config, "w");
 	cr_assert_not_null(f);
@@ -209,13 +236,34 @@ static inline int ft_agent_alive(struct ft_agent *a)
 	return a->pid > 0 && waitpid(a->pid, NULL, WNOHANG) == 0;
 }
 
+/* SIGKILL and reap *@pid if it is set, then clear it (teardown of a failed test). */
+static inline void th_kill(pid_t *pid)
+{
+	if (*pid <= 0)
+		return;
+	kill(*pid, SIGKILL);
+	waitpid(*pid, NULL, 0);
+	*pid = 0;
+}
+
+/* Teardown of a failed test: show the agent's log, then SIGKILL and reap it. */
+static inline void th_agent_kill(struct ft_agent *a)
+{
+	if (a->pid <= 0)
+		return;
+	fprintf(stderr, "agent log (%s):\n", a->log);
+	th_dump_file(a->log);
+	th_kill(&a->pid);
+}
+
+/* Remove a test's temp dir (only ever one of ours, under /tmp/ft-test.). */
 static inline void th_rm_rf(const char *dir)
 {
 	char cmd[512];
 
 	if (strncmp(dir, "/tmp/ft-test.", 13) != 0)
 		return;
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+	th_fmt(cmd, sizeof(cmd), "rm -rf '%s'", dir);
 	if (system(cmd) != 0)
 		fprintf(stderr, "cleanup of %s failed\n", dir);
 }
@@ -232,7 +280,7 @@ static inline void ft_agent_finish(struct ft_agent *a)
 /* "nbd+unix:///EXPORT?socket=SOCK" */
 static inline void th_uri(const struct ft_agent *a, const char *export, char *out, size_t len)
 {
-	snprintf(out, len, "nbd+unix:///%s?socket=%s", export, a->sock);
+	th_fmt(out, len, "nbd+unix:///%s?socket=%s", export, a->sock);
 }
 
 /*
@@ -248,8 +296,8 @@ static inline pid_t th_nbdkit_start(const char *dir, const char *name, char *soc
 	int n = 0;
 	pid_t pid;
 
-	snprintf(sock_out, sock_len, "%s/%s.sock", dir, name);
-	snprintf(logpath, sizeof(logpath), "%s/%s.log", dir, name);
+	th_fmt(sock_out, sock_len, "%s/%s.sock", dir, name);
+	th_fmt(logpath, sizeof(logpath), "%s/%s.log", dir, name);
 	unlink(sock_out);
 	argv[n++] = "nbdkit";
 	argv[n++] = "--foreground";
@@ -278,6 +326,7 @@ static inline pid_t th_nbdkit_start(const char *dir, const char *name, char *soc
 	return pid;
 }
 
+/* SIGTERM an nbdkit from th_nbdkit_start() (if @pid is set) and reap it. */
 static inline void th_nbdkit_stop(pid_t pid)
 {
 	if (pid <= 0)
@@ -286,7 +335,7 @@ static inline void th_nbdkit_stop(pid_t pid)
 	waitpid(pid, NULL, 0);
 }
 
-/* Fetch http://127.0.0.1:PORT/metrics into a malloc'd string (curl-free, raw HTTP/1.0). */
+/* Fetch http://127.0.0.1:PORT/PATH into a malloc'd string (curl-free, raw HTTP/1.0). */
 static inline char *th_http_get(int port, const char *path)
 {
 	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port),
@@ -301,7 +350,7 @@ static inline char *th_http_get(int port, const char *path)
 	cr_assert_geq(fd, 0);
 	cr_assert_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0, "metrics connect: %s",
 		     strerror(errno));
-	snprintf(req, sizeof(req), "GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n", path);
+	th_fmt(req, sizeof(req), "GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n", path);
 	cr_assert_eq(write(fd, req, strlen(req)), (ssize_t)strlen(req));
 	while ((n = read(fd, buf + len, cap - len - 1)) > 0) {
 		len += (size_t)n;
@@ -332,6 +381,63 @@ static inline double th_metric(const char *text, const char *prefix)
 		p += pl;
 	}
 	return -1;
+}
+
+/* The value of sample @prefix on the agent's /metrics, asserting the sample exists. */
+static inline double th_agent_metric(const struct ft_agent *a, const char *prefix)
+{
+	char *text = th_http_get(a->metrics_port, "/metrics");
+	double v = th_metric(text, prefix);
+
+	free(text);
+	cr_assert_geq(v, 0, "metric %s not found", prefix);
+	return v;
+}
+
+/* Sample @name of volume @vol (no domain): per operation @op, or per volume if NULL. */
+static inline double th_vol_metric(const struct ft_agent *a, const char *name, const char *vol,
+				   const char *op)
+{
+	char prefix[256];
+
+	if (op)
+		th_fmt(prefix, sizeof(prefix), "%s{volume=\"%s\",domain=\"\",op=\"%s\"}", name, vol,
+		       op);
+	else
+		th_fmt(prefix, sizeof(prefix), "%s{volume=\"%s\",domain=\"\"}", name, vol);
+	return th_agent_metric(a, prefix);
+}
+
+/* Poll (10 ms steps) until sample @prefix reads @want; fail after @timeout_ms. */
+static inline void th_wait_metric(const struct ft_agent *a, const char *prefix, double want,
+				  int timeout_ms)
+{
+	double end = th_now_ms() + timeout_ms, v;
+
+	for (;;) {
+		v = th_agent_metric(a, prefix);
+		if (v == want)
+			return;
+		if (th_now_ms() >= end)
+			break;
+		th_sleep_ms(10);
+	}
+	cr_assert_fail("%s stayed at %g, want %g", prefix, v, want);
+}
+
+/* The 8 bytes th_fill() puts at byte position @pos (a multiple of 8) for @seed. */
+static inline uint64_t th_fill_word(uint64_t pos, uint32_t seed)
+{
+	return (pos + 1) * 0x9e3779b97f4a7c15ull ^ ((uint64_t)seed << 32 | seed);
+}
+
+/* Deterministic content for [@off, @off+@len) (@len a multiple of 8): position and seed. */
+static inline void th_fill(void *buf, size_t len, uint64_t off, uint32_t seed)
+{
+	uint64_t *p = buf;
+
+	for (size_t i = 0; i < len / 8; i++)
+		p[i] = th_fill_word(off + 8 * i, seed);
 }
 
 #endif

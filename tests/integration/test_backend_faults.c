@@ -7,16 +7,9 @@
  * Every backend is a real nbdkit (memory plugin) with the error or delay
  * filter; the client is libnbd.
  */
-#include <libnbd.h>
 #include <pthread.h>
 
-/*
- * Some versions of harness.h copy a char[320] socket path into sun_path[108]
- * with snprintf, which GCC -O2 inlining turns into -Wformat-truncation under
- * -Werror. The paths used here are short (/tmp/ft-test.XXXXXX/...).
- */
-#pragma GCC diagnostic ignored "-Wformat-truncation"
-#include "harness.h"
+#include "nbd_client.h"
 
 #define MiB (1024 * 1024)
 
@@ -25,65 +18,17 @@ static struct ft_agent agent;
 static char tdir[256];
 static pid_t kits[4];
 static int n_kits;
-static struct nbd_handle *handles[8]; /* open client handles, closed by cleanup() */
 
 static void cleanup(void)
 {
-	if (agent.pid > 0) {
-		kill(agent.pid, SIGKILL);
-		waitpid(agent.pid, NULL, 0);
-		agent.pid = 0;
-	}
-	for (int i = 0; i < n_kits; i++) {
-		if (kits[i] > 0) {
-			kill(kits[i], SIGKILL);
-			waitpid(kits[i], NULL, 0);
-			kits[i] = 0;
-		}
-	}
+	th_nbd_close_all();
+	th_agent_kill(&agent);
+	for (int i = 0; i < n_kits; i++)
+		th_kill(&kits[i]);
 	n_kits = 0;
-	for (int i = 0; i < 8; i++) {
-		if (handles[i])
-			nbd_close(handles[i]);
-		handles[i] = NULL;
-	}
 	if (tdir[0])
 		th_rm_rf(tdir);
 	tdir[0] = '\0';
-}
-
-/*
- * The harness returns once the NBD socket accepts; the agent opens its
- * metrics endpoint just after that. Poll until it accepts too.
- */
-static void wait_metrics_up(void)
-{
-	struct sockaddr_in sa = { .sin_family = AF_INET,
-				  .sin_port = htons((uint16_t)agent.metrics_port),
-				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-
-	for (int waited = 0;; waited += 10) {
-		int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-		cr_assert_geq(fd, 0);
-		if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
-			close(fd);
-			return;
-		}
-		close(fd);
-		cr_assert(ft_agent_alive(&agent), "flashtierd died during start-up");
-		cr_assert_lt(waited, 10000, "metrics endpoint on port %d never came up",
-			     agent.metrics_port);
-		th_sleep_ms(10);
-	}
-}
-
-static double now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
 }
 
 /* nbdkit on tdir/NAME.sock; returns its pid (also remembered for cleanup). */
@@ -103,64 +48,16 @@ static void kit_forget(pid_t pid)
 			kits[i] = 0;
 }
 
-static struct nbd_handle *connect_export(const char *name)
-{
-	struct nbd_handle *h = nbd_create();
-	int slot = 0;
-
-	cr_assert_not_null(h, "nbd_create: %s", nbd_get_error());
-	while (slot < 8 && handles[slot])
-		slot++;
-	cr_assert_lt(slot, 8);
-	handles[slot] = h;
-	cr_assert_eq(nbd_set_export_name(h, name), 0, "%s", nbd_get_error());
-	cr_assert_eq(nbd_connect_unix(h, agent.sock), 0, "connect to '%s': %s", name,
-		     nbd_get_error());
-	return h;
-}
-
-static void disconnect(struct nbd_handle *h)
-{
-	for (int i = 0; i < 8; i++)
-		if (handles[i] == h)
-			handles[i] = NULL;
-	nbd_shutdown(h, 0);
-	nbd_close(h);
-}
-
-static double metric(const char *prefix)
-{
-	char *text = th_http_get(agent.metrics_port, "/metrics");
-	double v = th_metric(text, prefix);
-
-	free(text);
-	return v;
-}
-
-/* Poll until the metric has value @want, or fail after @timeout_ms. */
-static void wait_metric(const char *prefix, double want, int timeout_ms)
-{
-	double end = now_ms() + timeout_ms, v = -1;
-
-	while (now_ms() < end) {
-		v = metric(prefix);
-		if (v == want)
-			return;
-		th_sleep_ms(10);
-	}
-	cr_assert_fail("%s stayed at %g, wanted %g", prefix, v, want);
-}
-
 /*
  * Run @h until none of its commands is in flight. Returns 0, -1 on timeout,
  * -2 if the handle failed with commands still outstanding.
  */
 static int drain_handle(struct nbd_handle *h, int timeout_ms)
 {
-	double end = now_ms() + timeout_ms;
+	double end = th_now_ms() + timeout_ms;
 
 	while (nbd_aio_in_flight(h) > 0) {
-		double left = end - now_ms();
+		double left = end - th_now_ms();
 
 		if (left <= 0)
 			return -1;
@@ -168,14 +65,6 @@ static int drain_handle(struct nbd_handle *h, int timeout_ms)
 			return -2;
 	}
 	return 0;
-}
-
-static void fill(void *buf, size_t len, unsigned seed)
-{
-	unsigned char *p = buf;
-
-	for (size_t i = 0; i < len; i++)
-		p[i] = (unsigned char)((i * 31 + seed * 7 + (i >> 9)) & 0xff);
 }
 
 static void touch(const char *path)
@@ -215,7 +104,7 @@ static void *worker_main(void *arg)
 		size_t len = 4096u << (i % 5); /* 4k .. 64k */
 		int rc;
 
-		fill(wbuf, len, i + 1);
+		th_fill(wbuf, len, off, i + 1);
 		rc = nbd_pwrite(w->h, wbuf, len, off, 0);
 		if (rc < 0) {
 			w->failed++;
@@ -274,13 +163,12 @@ Test(backend_faults, error_filter_eio_counted_and_recovers)
 		"  \"good\": { \"backing\": \"nbd+unix:///?socket=%s\", \"domain\": \"vm-good\" } }",
 		bad_sock, good_sock);
 	ft_agent_start_in(&agent, tdir, vols, "");
-	wait_metrics_up();
 
-	hb = connect_export("bad");
-	hg = connect_export("good");
+	hb = th_nbd_connect(&agent, "bad");
+	hg = th_nbd_connect(&agent, "good");
 
 	/* Healthy at first (no trigger file): data goes in and comes back. */
-	fill(data, sizeof(data), 99);
+	th_fill(data, sizeof(data), 0, 99);
 	cr_assert_eq(nbd_pwrite(hb, data, sizeof(data), 0, 0), 0, "%s", nbd_get_error());
 	cr_assert_eq(nbd_pread(hb, back, sizeof(back), 0, 0), 0, "%s", nbd_get_error());
 	cr_assert_arr_eq(data, back, sizeof(data));
@@ -354,7 +242,7 @@ Test(backend_faults, error_filter_eio_counted_and_recovers)
 	cr_assert_eq(nbd_pread(hb, back, sizeof(back), 0, 0), 0, "after recovery: %s",
 		     nbd_get_error());
 	cr_assert_arr_eq(data, back, sizeof(data));
-	fill(data, sizeof(data), 7);
+	th_fill(data, sizeof(data), 1 * MiB, 7);
 	cr_assert_eq(nbd_pwrite(hb, data, sizeof(data), 1 * MiB, 0), 0, "%s", nbd_get_error());
 	cr_assert_eq(nbd_pread(hb, back, sizeof(back), 1 * MiB, 0), 0, "%s", nbd_get_error());
 	cr_assert_arr_eq(data, back, sizeof(data));
@@ -371,11 +259,13 @@ Test(backend_faults, error_filter_eio_counted_and_recovers)
 	cr_assert_arr_eq(data, back, sizeof(data));
 
 	cr_assert_eq(
-		metric("flashtier_request_errors_total{volume=\"bad\",domain=\"vm-bad\",op=\"read\"}"),
+		th_agent_metric(
+			&agent,
+			"flashtier_request_errors_total{volume=\"bad\",domain=\"vm-bad\",op=\"read\"}"),
 		rounds + 1);
 
-	disconnect(hb);
-	disconnect(hg);
+	th_nbd_disconnect(hb);
+	th_nbd_disconnect(hg);
 	cr_assert(ft_agent_alive(&agent), "flashtierd died");
 	cr_assert_eq(ft_agent_stop(&agent), 0, "flashtierd did not exit 0 after SIGTERM");
 }
@@ -410,16 +300,15 @@ static void slow_volume_isolation(unsigned reactors)
 		 slow_sock, fast_sock);
 	snprintf(extra, sizeof(extra), "\"reactors\": %u,", reactors);
 	ft_agent_start_in(&agent, tdir, vols, extra);
-	wait_metrics_up();
-	hs = connect_export("slow");
-	hf = connect_export("fast");
+	hs = th_nbd_connect(&agent, "slow");
+	hf = th_nbd_connect(&agent, "fast");
 
 	/* Half reads, half writes, all on the slow volume, all in flight at once. */
-	t_issue = now_ms();
+	t_issue = th_now_ms();
 	for (int i = 0; i < N_SLOW; i++) {
 		slow_buf[i] = malloc(65536);
 		cr_assert_not_null(slow_buf[i]);
-		fill(slow_buf[i], 65536, 1000 + (unsigned)i);
+		th_fill(slow_buf[i], 65536, (uint64_t)i * MiB, 1000 + (unsigned)i);
 		if (i % 2)
 			cookies[i] = nbd_aio_pwrite(hs, slow_buf[i], 65536, (uint64_t)i * MiB,
 						    NBD_NULL_COMPLETION, 0);
@@ -429,18 +318,17 @@ static void slow_volume_isolation(unsigned reactors)
 		cr_assert_gt(cookies[i], 0, "%s", nbd_get_error());
 	}
 	/* Wait until the agent holds all of them (it counts them as in flight). */
-	while (nbd_aio_get_direction(hs) & LIBNBD_AIO_DIRECTION_WRITE)
-		cr_assert_geq(nbd_poll(hs, 100), 0, "%s", nbd_get_error());
+	th_nbd_send_queued(hs);
 	snprintf(prefix, sizeof(prefix),
 		 "flashtier_requests_in_flight{volume=\"slow\",domain=\"vm-s\"}");
-	wait_metric(prefix, N_SLOW, 1000);
+	th_wait_metric(&agent, prefix, N_SLOW, 1000);
 
-	t_burst_start = now_ms();
+	t_burst_start = th_now_ms();
 	for (int i = 0; i < BURST; i++) {
 		uint64_t off = (uint64_t)(i % 128) * 4096;
 
 		if (i % 4 == 0) {
-			fill(wbuf, sizeof(wbuf), (unsigned)i);
+			th_fill(wbuf, sizeof(wbuf), off, (unsigned)i);
 			cr_assert_eq(nbd_pwrite(hf, wbuf, sizeof(wbuf), off, 0), 0, "%s",
 				     nbd_get_error());
 			cr_assert_eq(nbd_pread(hf, rbuf, sizeof(rbuf), off, 0), 0, "%s",
@@ -451,13 +339,13 @@ static void slow_volume_isolation(unsigned reactors)
 				     nbd_get_error());
 		}
 	}
-	t_burst_end = now_ms();
+	t_burst_end = th_now_ms();
 
 	/* None of the slow requests may have finished yet... */
 	cr_assert_geq(nbd_poll(hs, 0), 0, "%s", nbd_get_error());
 	cr_assert_eq(nbd_aio_in_flight(hs), N_SLOW,
 		     "slow requests finished during the fast burst (%.0f ms after issue)",
-		     now_ms() - t_issue);
+		     th_now_ms() - t_issue);
 	/* ...and the burst must not have waited for them. */
 	cr_assert_lt(t_burst_end - t_issue, delay_ms * 0.6,
 		     "fast burst of %d requests ended %.0f ms after the slow ones were issued "
@@ -466,7 +354,7 @@ static void slow_volume_isolation(unsigned reactors)
 
 	cr_assert_eq(drain_handle(hs, 10000), 0, "slow requests did not finish: %s",
 		     nbd_get_error());
-	t_slow_done = now_ms();
+	t_slow_done = th_now_ms();
 	/* Sanity: the slow store really was slow, so the comparison above meant something. */
 	cr_assert_geq(t_slow_done - t_issue, delay_ms * 0.9, "slow requests took only %.0f ms",
 		      t_slow_done - t_issue);
@@ -487,15 +375,15 @@ static void slow_volume_isolation(unsigned reactors)
 		cr_assert_not_null(chk);
 		cr_assert_eq(nbd_pread(hs, chk, 65536, (uint64_t)i * MiB, 0), 0, "%s",
 			     nbd_get_error());
-		fill(slow_buf[i], 65536, 1000 + (unsigned)i);
+		th_fill(slow_buf[i], 65536, (uint64_t)i * MiB, 1000 + (unsigned)i);
 		cr_assert_arr_eq(chk, slow_buf[i], 65536, "slow write %d not stored", i);
 		free(chk);
 	}
 	for (int i = 0; i < N_SLOW; i++)
 		free(slow_buf[i]);
-	wait_metric(prefix, 0, 1000);
-	disconnect(hs);
-	disconnect(hf);
+	th_wait_metric(&agent, prefix, 0, 1000);
+	th_nbd_disconnect(hs);
+	th_nbd_disconnect(hf);
 	cr_assert_eq(ft_agent_stop(&agent), 0, "flashtierd did not exit 0 after SIGTERM");
 }
 
@@ -541,11 +429,10 @@ Test(backend_faults, backend_killed_fails_io_not_agent)
 		"  \"other\":  { \"backing\": \"nbd+unix:///?socket=%s\", \"domain\": \"vm-o\" } }",
 		victim_sock, other_sock);
 	ft_agent_start_in(&agent, tdir, vols, "\"reactors\": 1,");
-	wait_metrics_up();
-	hv = connect_export("victim");
-	ho = connect_export("other");
+	hv = th_nbd_connect(&agent, "victim");
+	ho = th_nbd_connect(&agent, "other");
 
-	fill(data, sizeof(data), 5);
+	th_fill(data, sizeof(data), 0, 5);
 	cr_assert_eq(nbd_pwrite(hv, data, sizeof(data), 0, 0), 0, "%s", nbd_get_error());
 	cr_assert_eq(nbd_pwrite(ho, data, sizeof(data), 0, 0), 0, "%s", nbd_get_error());
 
@@ -556,11 +443,10 @@ Test(backend_faults, backend_killed_fails_io_not_agent)
 					   NBD_NULL_COMPLETION, 0);
 		cr_assert_gt(cookies[i], 0, "%s", nbd_get_error());
 	}
-	while (nbd_aio_get_direction(hv) & LIBNBD_AIO_DIRECTION_WRITE)
-		cr_assert_geq(nbd_poll(hv, 100), 0, "%s", nbd_get_error());
+	th_nbd_send_queued(hv);
 	snprintf(prefix, sizeof(prefix),
 		 "flashtier_requests_in_flight{volume=\"victim\",domain=\"vm-v\"}");
-	wait_metric(prefix, N_PENDING, 1500);
+	th_wait_metric(&agent, prefix, N_PENDING, 1500);
 
 	/* The backing store dies. */
 	cr_assert_eq(kill(victim, SIGKILL), 0);
@@ -568,10 +454,10 @@ Test(backend_faults, backend_killed_fails_io_not_agent)
 	kit_forget(victim);
 
 	/* The pending reads fail, promptly, and the client connection survives. */
-	t0 = now_ms();
+	t0 = th_now_ms();
 	rc = drain_handle(hv, 10000);
 	cr_assert_eq(rc, 0, "pending reads on the dead store %s after %.0f ms: %s",
-		     rc == -1 ? "still hang" : "broke the client connection", now_ms() - t0,
+		     rc == -1 ? "still hang" : "broke the client connection", th_now_ms() - t0,
 		     nbd_get_error());
 	for (int i = 0; i < N_PENDING; i++) {
 		rc = nbd_aio_command_completed(hv, (uint64_t)cookies[i]);
@@ -604,29 +490,33 @@ Test(backend_faults, backend_killed_fails_io_not_agent)
 	/* The other volume, on the same reactor, is fine. */
 	cr_assert_eq(nbd_pread(ho, back, sizeof(back), 0, 0), 0, "%s", nbd_get_error());
 	cr_assert_arr_eq(data, back, sizeof(data));
-	fill(data, sizeof(data), 6);
+	th_fill(data, sizeof(data), 65536, 6);
 	cr_assert_eq(nbd_pwrite(ho, data, sizeof(data), 65536, 0), 0, "%s", nbd_get_error());
 	cr_assert_eq(nbd_pread(ho, back, sizeof(back), 65536, 0), 0, "%s", nbd_get_error());
 	cr_assert_arr_eq(data, back, sizeof(data));
 	cr_assert_eq(nbd_flush(ho, 0), 0, "%s", nbd_get_error());
 	{
 		/* A fresh client connection to the other volume works as well. */
-		struct nbd_handle *h2 = connect_export("other");
+		struct nbd_handle *h2 = th_nbd_connect(&agent, "other");
 
 		cr_assert_eq(nbd_pread(h2, back, sizeof(back), 65536, 0), 0, "%s", nbd_get_error());
 		cr_assert_arr_eq(data, back, sizeof(data));
-		disconnect(h2);
+		th_nbd_disconnect(h2);
 	}
 
 	cr_assert(ft_agent_alive(&agent), "flashtierd died with its backing store");
 	cr_assert_geq(
-		metric("flashtier_request_errors_total{volume=\"victim\",domain=\"vm-v\",op=\"read\"}"),
+		th_agent_metric(
+			&agent,
+			"flashtier_request_errors_total{volume=\"victim\",domain=\"vm-v\",op=\"read\"}"),
 		N_PENDING + 1);
 	cr_assert_eq(
-		metric("flashtier_request_errors_total{volume=\"other\",domain=\"vm-o\",op=\"read\"}"),
+		th_agent_metric(
+			&agent,
+			"flashtier_request_errors_total{volume=\"other\",domain=\"vm-o\",op=\"read\"}"),
 		0);
-	wait_metric(prefix, 0, 1000);
-	disconnect(hv);
-	disconnect(ho);
+	th_wait_metric(&agent, prefix, 0, 1000);
+	th_nbd_disconnect(hv);
+	th_nbd_disconnect(ho);
 	cr_assert_eq(ft_agent_stop(&agent), 0, "flashtierd did not exit 0 after SIGTERM");
 }

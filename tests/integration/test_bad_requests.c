@@ -12,21 +12,7 @@
  *   unknown flags or commands                  EINVAL
  *   writes of any kind to a read-only export   EPERM
  */
-#include <endian.h>
-#include <libnbd.h>
-#include <poll.h>
-#include <stdbool.h>
-#include <stdint.h>
-
-#include "flashtier/nbd_proto.h"
-
-/*
- * harness.h snprintf()s caller-supplied paths into fixed-size fields; where
- * GCC inlines it with a larger source buffer, -Wformat-truncation fires
- * under -Werror. Our paths are short (/tmp/ft-test.XXXXXX/...).
- */
-#pragma GCC diagnostic ignored "-Wformat-truncation"
-#include "harness.h"
+#include "nbd_client.h"
 
 #define VOL_SIZE     (64ull << 20)
 #define MAX_PAYLOAD  (32u << 20)
@@ -48,63 +34,12 @@ struct env {
 	uint64_t rejected_ro;
 };
 
-/*
- * Every libnbd handle a test opens, so that the teardown can close those
- * an aborted test left open (and sanitizer runs report only real leaks).
- */
-static struct nbd_handle *g_handles[64];
-
-static struct nbd_handle *handle_new(void)
-{
-	struct nbd_handle *h = nbd_create();
-
-	for (int i = 0; i < 64; i++)
-		if (!g_handles[i]) {
-			g_handles[i] = h;
-			return h;
-		}
-	cr_assert_fail("more than 64 libnbd handles open");
-	return NULL;
-}
-
-static void handle_close(struct nbd_handle *h)
-{
-	for (int i = 0; i < 64; i++)
-		if (g_handles[i] == h)
-			g_handles[i] = NULL;
-	nbd_close(h);
-}
-
-static void handles_close_all(void)
-{
-	for (int i = 0; i < 64; i++)
-		if (g_handles[i]) {
-			nbd_close(g_handles[i]);
-			g_handles[i] = NULL;
-		}
-}
-
 static struct env g_env;
 
 /* Runs after every test, also one an assertion aborted: leave nothing running. */
 static void env_teardown(void)
 {
-	struct env *e = &g_env;
-
-	handles_close_all();
-	if (e->a.pid > 0) {
-		fprintf(stderr, "agent log (%s):\n", e->a.log);
-		th_dump_file(e->a.log);
-		kill(e->a.pid, SIGKILL);
-		waitpid(e->a.pid, NULL, 0);
-		e->a.pid = 0;
-	}
-	if (e->kit > 0) {
-		th_nbdkit_stop(e->kit);
-		e->kit = 0;
-	}
-	if (e->dir[0])
-		th_rm_rf(e->dir);
+	th_env_teardown(&g_env.a, &g_env.kit, g_env.dir);
 }
 
 /* A hung agent fails the test instead of blocking the run. */
@@ -136,29 +71,7 @@ static void env_start(struct env *e, enum backing kind, const char *const *kit_a
 
 static void env_finish(struct env *e)
 {
-	ft_agent_finish(&e->a);
-	if (e->kit > 0) {
-		th_nbdkit_stop(e->kit);
-		e->kit = 0;
-	}
-	e->dir[0] = '\0';
-}
-
-static double vol_metric(struct env *e, const char *name, const char *vol, const char *op)
-{
-	char prefix[256];
-	char *text = th_http_get(e->a.metrics_port, "/metrics");
-	double v;
-
-	if (op)
-		snprintf(prefix, sizeof(prefix), "%s{volume=\"%s\",domain=\"\",op=\"%s\"}", name,
-			 vol, op);
-	else
-		snprintf(prefix, sizeof(prefix), "%s{volume=\"%s\",domain=\"\"}", name, vol);
-	v = th_metric(text, prefix);
-	free(text);
-	cr_assert_geq(v, 0, "metric %s not found", prefix);
-	return v;
+	th_env_finish(&e->a, &e->kit, e->dir);
 }
 
 /* Sum of flashtier_request_errors_total over every op of @vol. */
@@ -170,7 +83,7 @@ static double vol_errors(struct env *e, const char *vol)
 	double sum = 0;
 
 	for (int i = 0; i < 6; i++)
-		sum += vol_metric(e, "flashtier_request_errors_total", vol, ops[i]);
+		sum += th_vol_metric(&e->a, "flashtier_request_errors_total", vol, ops[i]);
 	return sum;
 }
 
@@ -178,7 +91,7 @@ static double vol_errors(struct env *e, const char *vol)
 
 static struct nbd_handle *connect_loose(struct env *e, const char *export, bool structured)
 {
-	struct nbd_handle *h = handle_new();
+	struct nbd_handle *h = th_nbd_new();
 	char uri[512];
 
 	cr_assert_eq(nbd_set_request_structured_replies(h, structured), 0);
@@ -190,14 +103,6 @@ static struct nbd_handle *connect_loose(struct env *e, const char *export, bool 
 	cr_assert_eq(nbd_get_size(h), (int64_t)VOL_SIZE);
 	cr_assert_eq(nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM), 512);
 	return h;
-}
-
-static void fill(void *buf, size_t len, uint64_t off, uint32_t seed)
-{
-	uint64_t *p = buf;
-
-	for (size_t i = 0; i < len / 8; i++)
-		p[i] = (off + 8 * i + 1) * 0x9e3779b97f4a7c15ull ^ ((uint64_t)seed << 32 | seed);
 }
 
 #define PROBE_OFF  (1u << 20)
@@ -222,8 +127,7 @@ static void client_open(struct client *c, struct env *e, const char *export, boo
 
 static void client_close(struct client *c)
 {
-	cr_assert_eq(nbd_shutdown(c->h, 0), 0, "%s", nbd_get_error());
-	handle_close(c->h);
+	th_nbd_disconnect(c->h);
 	c->h = NULL;
 }
 
@@ -236,12 +140,12 @@ static void expect_usable(struct client *c, const char *after)
 {
 	static uint8_t got[PROBE_LEN], want[PROBE_LEN];
 
-	fill(want, sizeof(want), PROBE_OFF, PROBE_SEED);
+	th_fill(want, sizeof(want), PROBE_OFF, PROBE_SEED);
 	memset(got, 0, sizeof(got));
 	if (nbd_aio_is_ready(c->h) != 1 || nbd_pread(c->h, got, sizeof(got), PROBE_OFF, 0) != 0) {
 		cr_expect_fail("after %s: the connection is no longer usable: %s", after,
 			       nbd_get_error());
-		handle_close(c->h);
+		th_nbd_close(c->h);
 		c->h = connect_loose(c->e, c->export, c->structured);
 		return;
 	}
@@ -269,16 +173,16 @@ static void expect_reject(struct client *c, int rc, int want, const char *what)
 static void write_probe(struct env *e)
 {
 	uint8_t buf[PROBE_LEN];
-	struct nbd_handle *h = handle_new();
+	struct nbd_handle *h = th_nbd_new();
 	char uri[512];
 
 	th_uri(&e->a, "v", uri, sizeof(uri));
 	cr_assert_eq(nbd_connect_uri(h, uri), 0, "%s", nbd_get_error());
-	fill(buf, sizeof(buf), PROBE_OFF, PROBE_SEED);
+	th_fill(buf, sizeof(buf), PROBE_OFF, PROBE_SEED);
 	cr_assert_eq(nbd_pwrite(h, buf, sizeof(buf), PROBE_OFF, LIBNBD_CMD_FLAG_FUA), 0, "%s",
 		     nbd_get_error());
 	cr_assert_eq(nbd_shutdown(h, 0), 0);
-	handle_close(h);
+	th_nbd_close(h);
 }
 
 /* ---- the matrix of bad requests ---- */
@@ -389,13 +293,14 @@ static void bad_requests(enum backing kind, bool structured)
 #undef REJECT
 
 	e->rejected = n;
-	cr_expect_eq(vol_metric(e, "flashtier_invalid_requests_total", "v", NULL), (double)n,
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_invalid_requests_total", "v", NULL), (double)n,
 		     "invalid_requests_total should count all %llu rejections",
 		     (unsigned long long)n);
 	cr_expect_eq(vol_errors(e, "v"), (double)n);
 	/* Rejected writes moved no bytes. */
-	cr_expect_eq(vol_metric(e, "flashtier_request_bytes_total", "v", "write"), PROBE_LEN);
-	cr_expect_eq(vol_metric(e, "flashtier_requests_in_flight", "v", NULL), 0);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_request_bytes_total", "v", "write"),
+		     PROBE_LEN);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_requests_in_flight", "v", NULL), 0);
 	cr_assert(ft_agent_alive(&e->a), "flashtierd died");
 
 	client_close(&cl);
@@ -458,12 +363,14 @@ static void read_only(enum backing kind, bool structured)
 	cr_expect_eq(nbd_flush(cl.h, 0), 0, "%s", nbd_get_error());
 	cr_expect_eq(nbd_cache(cl.h, 4096, 0, 0), 0, "%s", nbd_get_error());
 
-	cr_expect_eq(vol_metric(e, "flashtier_invalid_requests_total", "ro", NULL), (double)n);
-	cr_expect_eq(vol_metric(e, "flashtier_request_errors_total", "ro", "write"), 2);
-	cr_expect_eq(vol_metric(e, "flashtier_request_errors_total", "ro", "trim"), 2);
-	cr_expect_eq(vol_metric(e, "flashtier_request_errors_total", "ro", "write_zeroes"), 3);
-	cr_expect_eq(vol_metric(e, "flashtier_request_bytes_total", "ro", "write"), 0);
-	cr_expect_eq(vol_metric(e, "flashtier_invalid_requests_total", "v", NULL), 0);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_invalid_requests_total", "ro", NULL),
+		     (double)n);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_request_errors_total", "ro", "write"), 2);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_request_errors_total", "ro", "trim"), 2);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_request_errors_total", "ro", "write_zeroes"),
+		     3);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_request_bytes_total", "ro", "write"), 0);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_invalid_requests_total", "v", NULL), 0);
 	cr_assert(ft_agent_alive(&e->a));
 	client_close(&cl);
 	free(buf);
@@ -508,7 +415,7 @@ Test(bad_requests, fast_zero_not_advertised)
 		      nbd_zero(cl.h, 4096, PROBE_OFF,
 			       LIBNBD_CMD_FLAG_FAST_ZERO | LIBNBD_CMD_FLAG_NO_HOLE),
 		      EINVAL, "FAST_ZERO|NO_HOLE not advertised");
-	cr_expect_eq(vol_metric(e, "flashtier_invalid_requests_total", "v", NULL), 2);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_invalid_requests_total", "v", NULL), 2);
 	client_close(&cl);
 	env_finish(e);
 }
@@ -545,8 +452,8 @@ static void rejected_write_payload(enum backing kind, bool structured)
 	expect_reject(&ro, nbd_pwrite(ro.h, buf, MAX_PAYLOAD, 0, 0), EPERM,
 		      "32 MiB write to a read-only volume");
 
-	cr_expect_eq(vol_metric(e, "flashtier_invalid_requests_total", "v", NULL), 4);
-	cr_expect_eq(vol_metric(e, "flashtier_invalid_requests_total", "ro", NULL), 2);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_invalid_requests_total", "v", NULL), 4);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_invalid_requests_total", "ro", NULL), 2);
 	cr_assert(ft_agent_alive(&e->a));
 	client_close(&v);
 	client_close(&ro);
@@ -566,111 +473,6 @@ Test(bad_requests, rejected_write_payload_nbd_simple)
 
 /* ---- raw requests libnbd cannot send ---- */
 
-/* Wait for @fd to be readable, at most 10 s; assert it did. */
-static void raw_wait(int fd)
-{
-	struct pollfd p = { .fd = fd, .events = POLLIN };
-
-	cr_assert_eq(poll(&p, 1, 10000), 1, "no reply from flashtierd within 10 s");
-}
-
-static void raw_read(int fd, void *buf, size_t len)
-{
-	size_t done = 0;
-
-	while (done < len) {
-		ssize_t n;
-
-		raw_wait(fd);
-		n = read(fd, (char *)buf + done, len - done);
-		cr_assert_gt(n, 0, "read from flashtierd: %s", n < 0 ? strerror(errno) : "EOF");
-		done += (size_t)n;
-	}
-}
-
-static void raw_write(int fd, const void *buf, size_t len)
-{
-	size_t done = 0;
-
-	while (done < len) {
-		ssize_t n = send(fd, (const char *)buf + done, len - done, MSG_NOSIGNAL);
-
-		cr_assert_gt(n, 0, "write to flashtierd: %s", strerror(errno));
-		done += (size_t)n;
-	}
-}
-
-static void raw_option(int fd, uint32_t opt, const void *data, uint32_t len)
-{
-	struct nbd_option_header h = { htobe64(NBD_IHAVEOPT), htobe32(opt), htobe32(len) };
-
-	raw_write(fd, &h, sizeof(h));
-	if (len)
-		raw_write(fd, data, len);
-}
-
-/* Read option replies to @opt until NBD_REP_ACK; assert no error reply. */
-static void raw_option_ack(int fd, uint32_t opt)
-{
-	for (;;) {
-		struct nbd_option_reply r;
-		uint8_t payload[4096];
-		uint32_t len;
-
-		raw_read(fd, &r, sizeof(r));
-		cr_assert_eq(be64toh(r.magic), NBD_REP_MAGIC);
-		cr_assert_eq(be32toh(r.option), opt);
-		len = be32toh(r.length);
-		cr_assert_leq(len, sizeof(payload));
-		raw_read(fd, payload, len);
-		cr_assert_eq(be32toh(r.type) & (1u << 31), 0, "option %u refused: %x", opt,
-			     be32toh(r.type));
-		if (be32toh(r.type) == NBD_REP_ACK)
-			return;
-	}
-}
-
-/* A raw connection in transmission on @export. */
-static int raw_connect(struct env *e, const char *export, bool structured)
-{
-	struct nbd_new_handshake g;
-	uint32_t cflags = htobe32(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
-	uint8_t go[64];
-	uint32_t nl = (uint32_t)strlen(export), nl_be = htobe32(nl);
-	int fd = th_unix_connect(e->a.sock);
-
-	cr_assert_geq(fd, 0, "connect: %s", strerror(errno));
-	raw_read(fd, &g, sizeof(g));
-	cr_assert_eq(be64toh(g.nbdmagic), NBD_MAGIC);
-	cr_assert_eq(be64toh(g.version), NBD_IHAVEOPT);
-	raw_write(fd, &cflags, 4);
-	if (structured) {
-		raw_option(fd, NBD_OPT_STRUCTURED_REPLY, NULL, 0);
-		raw_option_ack(fd, NBD_OPT_STRUCTURED_REPLY);
-	}
-	memcpy(go, &nl_be, 4);
-	memcpy(go + 4, export, nl);
-	memset(go + 4 + nl, 0, 2); /* no information requests */
-	raw_option(fd, NBD_OPT_GO, go, 6 + nl);
-	raw_option_ack(fd, NBD_OPT_GO);
-	return fd;
-}
-
-static void raw_request(int fd, uint16_t type, uint16_t flags, uint64_t cookie, uint64_t off,
-			uint32_t len)
-{
-	struct nbd_request r = {
-		.magic = htobe32(NBD_REQUEST_MAGIC),
-		.flags = htobe16(flags),
-		.type = htobe16(type),
-		.cookie = htobe64(cookie),
-		.offset = htobe64(off),
-		.length = htobe32(len),
-	};
-
-	raw_write(fd, &r, sizeof(r));
-}
-
 /*
  * Read the complete reply to @cookie (simple, or structured chunks up to
  * DONE); return its NBD error value. Read data, if any, goes to @data.
@@ -680,16 +482,16 @@ static uint32_t raw_reply(int fd, uint64_t cookie, void *data, uint32_t data_len
 	uint32_t magic, err = 0;
 
 	for (;;) {
-		raw_read(fd, &magic, 4);
+		th_raw_read(fd, &magic, 4);
 		if (be32toh(magic) == NBD_SIMPLE_REPLY_MAGIC) {
 			struct nbd_simple_reply s;
 
 			memcpy(&s, &magic, 4);
-			raw_read(fd, (char *)&s + 4, sizeof(s) - 4);
+			th_raw_read(fd, (char *)&s + 4, sizeof(s) - 4);
 			cr_assert_eq(be64toh(s.cookie), cookie, "reply for the wrong cookie");
 			err = be32toh(s.error);
 			if (err == 0 && data)
-				raw_read(fd, data, data_len);
+				th_raw_read(fd, data, data_len);
 			return err;
 		}
 		cr_assert_eq(be32toh(magic), NBD_STRUCTURED_REPLY_MAGIC, "bad reply magic %08x",
@@ -700,7 +502,7 @@ static uint32_t raw_reply(int fd, uint64_t cookie, void *data, uint32_t data_len
 			uint16_t type;
 
 			memcpy(&s, &magic, 4);
-			raw_read(fd, (char *)&s + 4, sizeof(s) - 4);
+			th_raw_read(fd, (char *)&s + 4, sizeof(s) - 4);
 			cr_assert_eq(be64toh(s.cookie), cookie, "reply for the wrong cookie");
 			len = be32toh(s.length);
 			type = be16toh(s.type);
@@ -709,18 +511,18 @@ static uint32_t raw_reply(int fd, uint64_t cookie, void *data, uint32_t data_len
 				char msg[1024];
 
 				cr_assert_geq(len, sizeof(ec));
-				raw_read(fd, &ec, sizeof(ec));
+				th_raw_read(fd, &ec, sizeof(ec));
 				cr_assert_eq(be16toh(ec.msg_len), len - sizeof(ec));
 				cr_assert_leq(len - sizeof(ec), sizeof(msg));
-				raw_read(fd, msg, len - sizeof(ec));
+				th_raw_read(fd, msg, len - sizeof(ec));
 				err = be32toh(ec.error);
 				cr_assert_neq(err, 0, "error chunk with error 0");
 			} else if (type == NBD_REPLY_TYPE_OFFSET_DATA) {
 				struct nbd_offset_data od;
 
 				cr_assert_eq(len, sizeof(od) + data_len);
-				raw_read(fd, &od, sizeof(od));
-				raw_read(fd, data, data_len);
+				th_raw_read(fd, &od, sizeof(od));
+				th_raw_read(fd, data, data_len);
 			} else {
 				cr_assert_eq(type, NBD_REPLY_TYPE_NONE, "unexpected chunk type %u",
 					     type);
@@ -737,8 +539,8 @@ static void raw_expect_usable(int fd, uint64_t cookie, const char *after)
 {
 	static uint8_t got[PROBE_LEN], want[PROBE_LEN];
 
-	fill(want, sizeof(want), PROBE_OFF, PROBE_SEED);
-	raw_request(fd, NBD_CMD_READ, 0, cookie, PROBE_OFF, PROBE_LEN);
+	th_fill(want, sizeof(want), PROBE_OFF, PROBE_SEED);
+	th_raw_request(fd, NBD_CMD_READ, 0, cookie, PROBE_OFF, PROBE_LEN);
 	cr_assert_eq(raw_reply(fd, cookie, got, PROBE_LEN), 0, "after %s: good read failed", after);
 	cr_assert_arr_eq(got, want, PROBE_LEN, "after %s: wrong data", after);
 }
@@ -773,19 +575,20 @@ static void raw_bad(bool structured)
 
 	env_start(e, B_FILE, NULL);
 	write_probe(e);
-	fd = raw_connect(e, "v", structured);
+	fd = th_raw_connect(e->a.sock, "v", structured);
 	raw_expect_usable(fd, cookie++, "connecting");
 	for (size_t i = 0; i < n; i++) {
 		uint32_t err;
 
-		raw_request(fd, cases[i].type, cases[i].flags, cookie, cases[i].off, cases[i].len);
+		th_raw_request(fd, cases[i].type, cases[i].flags, cookie, cases[i].off,
+			       cases[i].len);
 		err = raw_reply(fd, cookie++, NULL, 0);
 		cr_expect_eq(err, cases[i].want, "%s: error %u, want %u", cases[i].what, err,
 			     cases[i].want);
 		raw_expect_usable(fd, cookie++, cases[i].what);
 	}
 	/* A good flush (offset and length 0) still works. */
-	raw_request(fd, NBD_CMD_FLUSH, 0, cookie, 0, 0);
+	th_raw_request(fd, NBD_CMD_FLUSH, 0, cookie, 0, 0);
 	cr_expect_eq(raw_reply(fd, cookie++, NULL, 0), 0);
 
 	/*
@@ -796,12 +599,12 @@ static void raw_bad(bool structured)
 		uint8_t wbuf[4096];
 		uint32_t errs[3] = { 99, 99, 99 };
 
-		fill(wbuf, sizeof(wbuf), 8192, 5);
-		raw_request(fd, NBD_CMD_WRITE, 0, 1000, 8192, sizeof(wbuf));
-		raw_write(fd, wbuf, sizeof(wbuf));
-		raw_request(fd, NBD_CMD_WRITE, 0, 1001, VOL_SIZE, sizeof(wbuf)); /* ENOSPC */
-		raw_write(fd, wbuf, sizeof(wbuf));
-		raw_request(fd, NBD_CMD_FLUSH, 0, 1002, 0, 0);
+		th_fill(wbuf, sizeof(wbuf), 8192, 5);
+		th_raw_request(fd, NBD_CMD_WRITE, 0, 1000, 8192, sizeof(wbuf));
+		th_raw_write(fd, wbuf, sizeof(wbuf));
+		th_raw_request(fd, NBD_CMD_WRITE, 0, 1001, VOL_SIZE, sizeof(wbuf)); /* ENOSPC */
+		th_raw_write(fd, wbuf, sizeof(wbuf));
+		th_raw_request(fd, NBD_CMD_FLUSH, 0, 1002, 0, 0);
 		for (int i = 0; i < 3; i++) {
 			uint32_t magic;
 			struct nbd_simple_reply s;
@@ -810,9 +613,9 @@ static void raw_bad(bool structured)
 			uint32_t err = 0;
 
 			/* Write and flush replies: simple, or one structured chunk. */
-			raw_read(fd, &magic, 4);
+			th_raw_read(fd, &magic, 4);
 			if (be32toh(magic) == NBD_SIMPLE_REPLY_MAGIC) {
-				raw_read(fd, (char *)&s + 4, sizeof(s) - 4);
+				th_raw_read(fd, (char *)&s + 4, sizeof(s) - 4);
 				ck = be64toh(s.cookie);
 				err = be32toh(s.error);
 			} else {
@@ -820,11 +623,11 @@ static void raw_bad(bool structured)
 				char msg[1024];
 
 				cr_assert_eq(be32toh(magic), NBD_STRUCTURED_REPLY_MAGIC);
-				raw_read(fd, (char *)&st + 4, sizeof(st) - 4);
+				th_raw_read(fd, (char *)&st + 4, sizeof(st) - 4);
 				ck = be64toh(st.cookie);
 				cr_assert_eq(be16toh(st.type), NBD_REPLY_TYPE_ERROR);
-				raw_read(fd, &ec, sizeof(ec));
-				raw_read(fd, msg, be32toh(st.length) - sizeof(ec));
+				th_raw_read(fd, &ec, sizeof(ec));
+				th_raw_read(fd, msg, be32toh(st.length) - sizeof(ec));
 				err = be32toh(ec.error);
 			}
 			cr_assert(ck >= 1000 && ck <= 1002, "unexpected cookie %llu",
@@ -837,8 +640,9 @@ static void raw_bad(bool structured)
 	}
 	raw_expect_usable(fd, cookie++, "pipelined requests");
 
-	cr_expect_eq(vol_metric(e, "flashtier_invalid_requests_total", "v", NULL), (double)n + 1);
-	raw_request(fd, NBD_CMD_DISC, 0, cookie, 0, 0);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_invalid_requests_total", "v", NULL),
+		     (double)n + 1);
+	th_raw_request(fd, NBD_CMD_DISC, 0, cookie, 0, 0);
 	close(fd);
 	cr_assert(ft_agent_alive(&e->a));
 	env_finish(e);
@@ -868,26 +672,26 @@ Test(bad_requests, raw_rejected_payload_consumed)
 	cr_assert_not_null(buf);
 	env_start(e, B_FILE, NULL);
 	write_probe(e);
-	fd = raw_connect(e, "v", true);
+	fd = th_raw_connect(e->a.sock, "v", true);
 
 	/* Replies are read only after each whole payload is sent: no ordering assumption. */
-	raw_request(fd, NBD_CMD_WRITE, 0, cookie, VOL_SIZE - 4096, 1u << 20);
-	raw_write(fd, buf, 1u << 20);
+	th_raw_request(fd, NBD_CMD_WRITE, 0, cookie, VOL_SIZE - 4096, 1u << 20);
+	th_raw_write(fd, buf, 1u << 20);
 	cr_expect_eq(raw_reply(fd, cookie++, NULL, 0), NBD_ENOSPC);
 	raw_expect_usable(fd, cookie++, "1 MiB write past the end");
 
-	raw_request(fd, NBD_CMD_WRITE, 0, cookie, 0, MAX_PAYLOAD + 512);
-	raw_write(fd, buf, MAX_PAYLOAD + 512);
+	th_raw_request(fd, NBD_CMD_WRITE, 0, cookie, 0, MAX_PAYLOAD + 512);
+	th_raw_write(fd, buf, MAX_PAYLOAD + 512);
 	cr_expect_eq(raw_reply(fd, cookie++, NULL, 0), NBD_EINVAL);
 	raw_expect_usable(fd, cookie++, "32 MiB + 512 write");
 
-	raw_request(fd, NBD_CMD_WRITE, 1u << 7, cookie, 0, 300000); /* bad flag and misaligned */
-	raw_write(fd, buf, 300000);
+	th_raw_request(fd, NBD_CMD_WRITE, 1u << 7, cookie, 0, 300000); /* bad flag and misaligned */
+	th_raw_write(fd, buf, 300000);
 	cr_expect_eq(raw_reply(fd, cookie++, NULL, 0), NBD_EINVAL);
 	raw_expect_usable(fd, cookie++, "300000-byte write with an unknown flag");
 
-	cr_expect_eq(vol_metric(e, "flashtier_invalid_requests_total", "v", NULL), 3);
-	raw_request(fd, NBD_CMD_DISC, 0, cookie, 0, 0);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_invalid_requests_total", "v", NULL), 3);
+	th_raw_request(fd, NBD_CMD_DISC, 0, cookie, 0, 0);
 	close(fd);
 	free(buf);
 	env_finish(e);
@@ -911,18 +715,18 @@ Test(bad_requests, raw_reply_waits_for_payload)
 	cr_assert_not_null(buf);
 	env_start(e, B_FILE, NULL);
 	write_probe(e);
-	fd = raw_connect(e, "v", false);
+	fd = th_raw_connect(e->a.sock, "v", false);
 
-	raw_request(fd, NBD_CMD_WRITE, 0, 1, VOL_SIZE, 1u << 20);
-	raw_write(fd, buf, 4096);
+	th_raw_request(fd, NBD_CMD_WRITE, 0, 1, VOL_SIZE, 1u << 20);
+	th_raw_write(fd, buf, 4096);
 	/* A negative check needs a wait: 500 ms with nothing on the socket. */
 	p = (struct pollfd){ .fd = fd, .events = POLLIN };
 	cr_expect_eq(poll(&p, 1, 500), 0,
 		     "flashtierd replied to a WRITE whose payload it had not yet received");
-	raw_write(fd, buf + 4096, (1u << 20) - 4096);
+	th_raw_write(fd, buf + 4096, (1u << 20) - 4096);
 	cr_expect_eq(raw_reply(fd, 1, NULL, 0), NBD_ENOSPC);
 	raw_expect_usable(fd, 2, "the early reply");
-	raw_request(fd, NBD_CMD_DISC, 0, 3, 0, 0);
+	th_raw_request(fd, NBD_CMD_DISC, 0, 3, 0, 0);
 	close(fd);
 	free(buf);
 	env_finish(e);

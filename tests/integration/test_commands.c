@@ -5,18 +5,7 @@
  * "nbdkit memory". Data is checked three ways: read back through the
  * agent, read straight from the backing store, and counted in /metrics.
  */
-#include <libnbd.h>
-#include <poll.h>
-#include <stdbool.h>
-#include <stdint.h>
-
-/*
- * harness.h snprintf()s caller-supplied paths into fixed-size fields; where
- * GCC inlines it with a larger source buffer, -Wformat-truncation fires
- * under -Werror. Our paths are short (/tmp/ft-test.XXXXXX/...).
- */
-#pragma GCC diagnostic ignored "-Wformat-truncation"
-#include "harness.h"
+#include "nbd_client.h"
 
 #define VOL_SIZE    (64ull << 20)
 #define MAX_PAYLOAD (32u << 20)
@@ -40,63 +29,11 @@ struct env {
  * the .fini hook below cleans up even when an assertion aborted the test,
  * so a failing test leaves no agent or nbdkit behind.
  */
-/*
- * Every libnbd handle a test opens, so that the teardown can close those
- * an aborted test left open (and sanitizer runs report only real leaks).
- */
-static struct nbd_handle *g_handles[64];
-
-static struct nbd_handle *handle_new(void)
-{
-	struct nbd_handle *h = nbd_create();
-
-	for (int i = 0; i < 64; i++)
-		if (!g_handles[i]) {
-			g_handles[i] = h;
-			return h;
-		}
-	cr_assert_fail("more than 64 libnbd handles open");
-	return NULL;
-}
-
-static void handle_close(struct nbd_handle *h)
-{
-	for (int i = 0; i < 64; i++)
-		if (g_handles[i] == h)
-			g_handles[i] = NULL;
-	nbd_close(h);
-}
-
-static void handles_close_all(void)
-{
-	for (int i = 0; i < 64; i++)
-		if (g_handles[i]) {
-			nbd_close(g_handles[i]);
-			g_handles[i] = NULL;
-		}
-}
-
 static struct env g_env;
 
 static void env_teardown(void)
 {
-	struct env *e = &g_env;
-
-	handles_close_all();
-	if (e->a.pid > 0) {
-		/* The test failed before ft_agent_finish(): show why, then kill. */
-		fprintf(stderr, "agent log (%s):\n", e->a.log);
-		th_dump_file(e->a.log);
-		kill(e->a.pid, SIGKILL);
-		waitpid(e->a.pid, NULL, 0);
-		e->a.pid = 0;
-	}
-	if (e->kit > 0) {
-		th_nbdkit_stop(e->kit);
-		e->kit = 0;
-	}
-	if (e->dir[0])
-		th_rm_rf(e->dir);
+	th_env_teardown(&g_env.a, &g_env.kit, g_env.dir);
 }
 
 /* A hung agent fails the test instead of blocking the run. */
@@ -147,8 +84,8 @@ static void env_start_kit(struct env *e, enum backing kind, unsigned flags,
 
 			args[i] = kit_args[i];
 			if (i < 8 && eq && strncmp(eq + 1, "DIR/", 4) == 0) {
-				snprintf(bufs[i], sizeof(bufs[i]), "%.*s%s/%s",
-					 (int)(eq + 1 - kit_args[i]), kit_args[i], e->dir, eq + 5);
+				th_fmt(bufs[i], sizeof(bufs[i]), "%.*s%s/%s",
+				       (int)(eq + 1 - kit_args[i]), kit_args[i], e->dir, eq + 5);
 				args[i] = bufs[i];
 			}
 		}
@@ -177,17 +114,12 @@ static void env_start(struct env *e, enum backing kind, unsigned flags)
 /* Stop the agent (asserting exit 0 after SIGTERM), then nbdkit. */
 static void env_finish(struct env *e)
 {
-	ft_agent_finish(&e->a);
-	if (e->kit > 0) {
-		th_nbdkit_stop(e->kit);
-		e->kit = 0;
-	}
-	e->dir[0] = '\0'; /* removed by ft_agent_finish() */
+	th_env_finish(&e->a, &e->kit, e->dir);
 }
 
 static struct nbd_handle *connect_export(struct env *e, const char *export, bool structured)
 {
-	struct nbd_handle *h = handle_new();
+	struct nbd_handle *h = th_nbd_new();
 	char uri[512];
 
 	cr_assert_eq(nbd_set_request_structured_replies(h, structured), 0);
@@ -198,31 +130,15 @@ static struct nbd_handle *connect_export(struct env *e, const char *export, bool
 	return h;
 }
 
-static void disconnect(struct nbd_handle *h)
-{
-	cr_assert_eq(nbd_shutdown(h, 0), 0, "nbd_shutdown: %s", nbd_get_error());
-	handle_close(h);
-}
-
 /* ---- data patterns ---- */
 
-/* Deterministic content for [off, off+len): a function of position and seed. */
-static void fill(void *buf, size_t len, uint64_t off, uint32_t seed)
-{
-	uint64_t *p = buf;
-
-	for (size_t i = 0; i < len / 8; i++)
-		p[i] = (off + 8 * i + 1) * 0x9e3779b97f4a7c15ull ^ ((uint64_t)seed << 32 | seed);
-}
-
-/* Assert @buf holds what fill(@off, @seed) wrote. */
+/* Assert @buf holds what th_fill(@off, @seed) wrote. */
 static void expect_fill(const void *buf, size_t len, uint64_t off, uint32_t seed, const char *what)
 {
 	const uint64_t *p = buf;
 
 	for (size_t i = 0; i < len / 8; i++) {
-		uint64_t want =
-			(off + 8 * i + 1) * 0x9e3779b97f4a7c15ull ^ ((uint64_t)seed << 32 | seed);
+		uint64_t want = th_fill_word(off + 8 * i, seed);
 
 		if (p[i] != want)
 			cr_assert_fail(
@@ -268,7 +184,7 @@ static void store_read(struct env *e, void *buf, size_t len, uint64_t off)
 		}
 		close(fd);
 	} else {
-		struct nbd_handle *h = handle_new();
+		struct nbd_handle *h = th_nbd_new();
 
 		cr_assert_eq(nbd_connect_unix(h, e->kit_sock), 0, "nbdkit: %s", nbd_get_error());
 		for (size_t done = 0; done < len;) {
@@ -278,7 +194,7 @@ static void store_read(struct env *e, void *buf, size_t len, uint64_t off)
 				     "nbdkit pread: %s", nbd_get_error());
 			done += n;
 		}
-		disconnect(h);
+		th_nbd_disconnect(h);
 	}
 }
 
@@ -301,24 +217,6 @@ static void store_expect_zero(struct env *e, size_t len, uint64_t off)
 }
 
 /* ---- metrics ---- */
-
-/* A per-volume (op == NULL) or per-operation sample; asserts it exists. */
-static double vol_metric(struct env *e, const char *name, const char *vol, const char *op)
-{
-	char prefix[256];
-	char *text = th_http_get(e->a.metrics_port, "/metrics");
-	double v;
-
-	if (op)
-		snprintf(prefix, sizeof(prefix), "%s{volume=\"%s\",domain=\"\",op=\"%s\"}", name,
-			 vol, op);
-	else
-		snprintf(prefix, sizeof(prefix), "%s{volume=\"%s\",domain=\"\"}", name, vol);
-	v = th_metric(text, prefix);
-	free(text);
-	cr_assert_geq(v, 0, "metric %s not found", prefix);
-	return v;
-}
 
 /* What a test issued, to compare with flashtier_requests_total and friends. */
 struct counts {
@@ -355,9 +253,10 @@ static void count_error(struct counts *c, int op)
 static void expect_metrics(struct env *e, const char *vol, const struct counts *c)
 {
 	for (int op = 0; op < 6; op++) {
-		double n = vol_metric(e, "flashtier_requests_total", vol, op_label[op]);
-		double b = vol_metric(e, "flashtier_request_bytes_total", vol, op_label[op]);
-		double err = vol_metric(e, "flashtier_request_errors_total", vol, op_label[op]);
+		double n = th_vol_metric(&e->a, "flashtier_requests_total", vol, op_label[op]);
+		double b = th_vol_metric(&e->a, "flashtier_request_bytes_total", vol, op_label[op]);
+		double err =
+			th_vol_metric(&e->a, "flashtier_request_errors_total", vol, op_label[op]);
 
 		cr_expect_eq((uint64_t)n, c->n[op], "requests_total{op=%s} = %.0f, issued %llu",
 			     op_label[op], n, (unsigned long long)c->n[op]);
@@ -368,8 +267,8 @@ static void expect_metrics(struct env *e, const char *vol, const struct counts *
 			     "request_errors_total{op=%s} = %.0f, want %llu", op_label[op], err,
 			     (unsigned long long)c->errors[op]);
 	}
-	cr_expect_eq(vol_metric(e, "flashtier_invalid_requests_total", vol, NULL), 0);
-	cr_expect_eq(vol_metric(e, "flashtier_requests_in_flight", vol, NULL), 0);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_invalid_requests_total", vol, NULL), 0);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_requests_in_flight", vol, NULL), 0);
 }
 
 /* ---- synchronous command wrappers that assert success and count ---- */
@@ -379,7 +278,7 @@ static void do_pwrite(struct nbd_handle *h, struct counts *c, size_t len, uint64
 {
 	void *buf = xmalloc(len);
 
-	fill(buf, len, off, seed);
+	th_fill(buf, len, off, seed);
 	cr_assert_eq(nbd_pwrite(h, buf, len, off, flags), 0, "pwrite %zu@%llu flags=%u: %s", len,
 		     (unsigned long long)off, flags, nbd_get_error());
 	count(c, OP_WRITE, len);
@@ -540,9 +439,9 @@ static void rw_roundtrip(enum backing kind, bool structured)
 		}
 	}
 
-	cr_expect_eq(vol_metric(e, "flashtier_connections", "v", NULL), 1);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_connections", "v", NULL), 1);
 	expect_metrics(e, "v", &c);
-	disconnect(h);
+	th_nbd_disconnect(h);
 	env_finish(e);
 }
 
@@ -670,7 +569,7 @@ static void zero_trim_cache(enum backing kind, bool structured)
 	store_expect_fill(e, 4096, 61 * mib, 7);
 
 	expect_metrics(e, "v", &c);
-	disconnect(h);
+	th_nbd_disconnect(h);
 	env_finish(e);
 }
 
@@ -729,7 +628,7 @@ Test(commands, zero_emulated_nbd)
 	store_expect_fill(e, 4 * mib, 60 * mib, 2);
 	store_expect_fill(e, 4 * mib, 16 * mib, 1);
 	expect_metrics(e, "v", &c);
-	disconnect(h);
+	th_nbd_disconnect(h);
 	env_finish(e);
 }
 
@@ -761,7 +660,7 @@ Test(commands, fast_zero_enotsup_nbd)
 	do_expect_read(h, &c, 65536, 4096, 0);
 	do_expect_read(h, &c, 4096, 0, 3);
 	expect_metrics(e, "v", &c);
-	disconnect(h);
+	th_nbd_disconnect(h);
 	env_finish(e);
 }
 
@@ -783,11 +682,11 @@ static void flags_and_sizes(enum backing kind, bool structured)
 	env_start(e, kind, ENV_WITH_RO);
 	if (kind == B_NBD) {
 		/* The agent advertises FAST_ZERO only when the remote has it. */
-		struct nbd_handle *k = handle_new();
+		struct nbd_handle *k = th_nbd_new();
 
 		cr_assert_eq(nbd_connect_unix(k, e->kit_sock), 0, "%s", nbd_get_error());
 		want_fast = nbd_can_fast_zero(k) == 1 && nbd_can_zero(k) == 1;
-		disconnect(k);
+		th_nbd_disconnect(k);
 	}
 
 	h = connect_export(e, "v", structured);
@@ -815,7 +714,7 @@ static void flags_and_sizes(enum backing kind, bool structured)
 		free(name);
 		free(desc);
 	}
-	disconnect(h);
+	th_nbd_disconnect(h);
 
 	ro = connect_export(e, "ro", structured);
 	cr_expect_eq(nbd_get_size(ro), (int64_t)VOL_SIZE);
@@ -843,7 +742,7 @@ static void flags_and_sizes(enum backing kind, bool structured)
 		cr_expect_eq(nbd_flush(ro, 0), 0, "%s", nbd_get_error());
 		cr_expect_eq(nbd_cache(ro, 4096, 0, 0), 0, "%s", nbd_get_error());
 	}
-	disconnect(ro);
+	th_nbd_disconnect(ro);
 	env_finish(e);
 }
 
@@ -937,7 +836,7 @@ Test(commands, nbd_remote_limits)
 	store_expect_fill(e, (1u << 20) + 4096, MAX_PAYLOAD, 42);
 	store_expect_zero(e, 4u << 20, 48u << 20);
 	expect_metrics(e, "v", &c);
-	disconnect(h);
+	th_nbd_disconnect(h);
 	env_finish(e);
 }
 
@@ -986,7 +885,7 @@ static void odd_size(enum backing kind)
 	cr_assert_eq(nbd_flush(h, 0), 0, "%s", nbd_get_error());
 	store_read(e, buf, 1000, 0);
 	cr_expect_arr_eq(buf, want, 1000, "backing store");
-	disconnect(h);
+	th_nbd_disconnect(h);
 	env_finish(e);
 }
 
@@ -1030,7 +929,7 @@ static void listing(enum backing kind, bool structured)
 {
 	struct env *e = &g_env;
 	struct listing l = { 0 };
-	struct nbd_handle *h = handle_new();
+	struct nbd_handle *h = th_nbd_new();
 	char uri[512];
 
 	env_start(e, kind, ENV_WITH_RO | ENV_WITH_OTHER);
@@ -1078,8 +977,8 @@ static void listing(enum backing kind, bool structured)
 
 		cr_expect_eq(nbd_pread(h, buf, sizeof(buf), 0, 0), 0, "%s", nbd_get_error());
 	}
-	cr_expect_eq(vol_metric(e, "flashtier_connections", "v", NULL), 0);
-	cr_expect_eq(vol_metric(e, "flashtier_connections", "ro", NULL), 0);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_connections", "v", NULL), 0);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_connections", "ro", NULL), 0);
 	{
 		/* Volume "w" has a domain label, so look it up with its own labels. */
 		char *text = th_http_get(e->a.metrics_port, "/metrics");
@@ -1088,7 +987,7 @@ static void listing(enum backing kind, bool structured)
 			     1, "metrics:\n%s", text);
 		free(text);
 	}
-	disconnect(h);
+	th_nbd_disconnect(h);
 	env_finish(e);
 }
 
@@ -1124,10 +1023,10 @@ static void default_export(enum backing kind)
 	do_expect_read(dflt, &c, 64 * 1024, 1u << 20, 11);
 	do_pwrite(dflt, &c, 4096, 2u << 20, 12, LIBNBD_CMD_FLAG_FUA);
 	do_expect_read(named, &c, 4096, 2u << 20, 12);
-	cr_expect_eq(vol_metric(e, "flashtier_connections", "v", NULL), 2);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_connections", "v", NULL), 2);
 	expect_metrics(e, "v", &c);
-	disconnect(dflt);
-	disconnect(named);
+	th_nbd_disconnect(dflt);
+	th_nbd_disconnect(named);
 	env_finish(e);
 }
 
@@ -1180,7 +1079,7 @@ static void aop_issue(struct nbd_handle *h, struct aop *o, struct counts *c)
 	o->err = 0;
 	switch (o->op) {
 	case OP_WRITE:
-		fill(o->buf, o->len, o->off, o->seed);
+		th_fill(o->buf, o->len, o->off, o->seed);
 		cookie = nbd_aio_pwrite(h, o->buf, o->len, o->off, aop_cb(o), 0);
 		break;
 	case OP_READ:
@@ -1272,7 +1171,7 @@ static void two_connections(enum backing kind)
 	hs[0] = connect_export(e, "v", true);
 	hs[1] = connect_export(e, "v", false);
 	cr_assert_eq(nbd_can_multi_conn(hs[0]), 1);
-	cr_expect_eq(vol_metric(e, "flashtier_connections", "v", NULL), 2);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_connections", "v", NULL), 2);
 
 	/* Write on one, flush on the other (multi-conn), read on the other. */
 	do_pwrite(hs[0], &c, 1u << 20, 0, 21, 0);
@@ -1320,8 +1219,8 @@ static void two_connections(enum backing kind)
 	for (int i = 0; i < 64; i++)
 		free(ops[i].buf);
 	expect_metrics(e, "v", &c);
-	disconnect(hs[0]);
-	disconnect(hs[1]);
+	th_nbd_disconnect(hs[0]);
+	th_nbd_disconnect(hs[1]);
 	env_finish(e);
 }
 
@@ -1374,7 +1273,7 @@ static void deep_queue(enum backing kind)
 		free(ops[i].buf);
 	free(ops);
 	expect_metrics(e, "v", &c);
-	disconnect(h);
+	th_nbd_disconnect(h);
 	env_finish(e);
 }
 
@@ -1449,7 +1348,7 @@ static void many_connections(enum backing kind)
 	env_start(e, kind, 0);
 	for (int i = 0; i < MC_CONNS; i++)
 		hs[i] = connect_export(e, "v", i % 2 == 0);
-	cr_expect_eq(vol_metric(e, "flashtier_connections", "v", NULL), MC_CONNS);
+	cr_expect_eq(th_vol_metric(&e->a, "flashtier_connections", "v", NULL), MC_CONNS);
 	memset(ops, 0, sizeof(ops));
 	for (int i = 0; i < MC_CONNS * MC_QD; i++) {
 		ops[i].conn = i / MC_QD;
@@ -1526,7 +1425,7 @@ static void many_connections(enum backing kind)
 	free(buf);
 	expect_metrics(e, "v", &c);
 	for (int i = 0; i < MC_CONNS; i++)
-		disconnect(hs[i]);
+		th_nbd_disconnect(hs[i]);
 	for (int i = 0; i < MC_CONNS * MC_QD; i++)
 		free(ops[i].buf);
 	free(m.model);

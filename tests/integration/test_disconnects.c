@@ -9,21 +9,7 @@
  *  - flashtierd stays alive, its connection gauges return to the number
  *    of open clients, and SIGTERM still ends it with exit status 0.
  */
-#include <endian.h>
-#include <libnbd.h>
-#include <poll.h>
-#include <stdbool.h>
-#include <stdint.h>
-
-#include "flashtier/nbd_proto.h"
-
-/*
- * harness.h snprintf()s caller-supplied paths into fixed-size fields; where
- * GCC inlines it with a larger source buffer, -Wformat-truncation fires
- * under -Werror. Our paths are short (/tmp/ft-test.XXXXXX/...).
- */
-#pragma GCC diagnostic ignored "-Wformat-truncation"
-#include "harness.h"
+#include "nbd_client.h"
 
 #define VOL_SIZE    (64ull << 20)
 #define MAX_PAYLOAD (32u << 20)
@@ -36,63 +22,12 @@ struct env {
 	pid_t kit;
 };
 
-/*
- * Every libnbd handle a test opens, so that the teardown can close those
- * an aborted test left open (and sanitizer runs report only real leaks).
- */
-static struct nbd_handle *g_handles[64];
-
-static struct nbd_handle *handle_new(void)
-{
-	struct nbd_handle *h = nbd_create();
-
-	for (int i = 0; i < 64; i++)
-		if (!g_handles[i]) {
-			g_handles[i] = h;
-			return h;
-		}
-	cr_assert_fail("more than 64 libnbd handles open");
-	return NULL;
-}
-
-static void handle_close(struct nbd_handle *h)
-{
-	for (int i = 0; i < 64; i++)
-		if (g_handles[i] == h)
-			g_handles[i] = NULL;
-	nbd_close(h);
-}
-
-static void handles_close_all(void)
-{
-	for (int i = 0; i < 64; i++)
-		if (g_handles[i]) {
-			nbd_close(g_handles[i]);
-			g_handles[i] = NULL;
-		}
-}
-
 static struct env g_env;
 
 /* Runs after every test, also one an assertion aborted: leave nothing running. */
 static void env_teardown(void)
 {
-	struct env *e = &g_env;
-
-	handles_close_all();
-	if (e->a.pid > 0) {
-		fprintf(stderr, "agent log (%s):\n", e->a.log);
-		th_dump_file(e->a.log);
-		kill(e->a.pid, SIGKILL);
-		waitpid(e->a.pid, NULL, 0);
-		e->a.pid = 0;
-	}
-	if (e->kit > 0) {
-		th_nbdkit_stop(e->kit);
-		e->kit = 0;
-	}
-	if (e->dir[0])
-		th_rm_rf(e->dir);
+	th_env_teardown(&g_env.a, &g_env.kit, g_env.dir);
 }
 
 /* A hung agent fails the test instead of blocking the run. */
@@ -118,42 +53,13 @@ static void env_start(struct env *e)
 static void env_finish(struct env *e)
 {
 	cr_assert(ft_agent_alive(&e->a), "flashtierd died");
-	ft_agent_finish(&e->a);
-	if (e->kit > 0) {
-		th_nbdkit_stop(e->kit);
-		e->kit = 0;
-	}
-	e->dir[0] = '\0';
+	th_env_finish(&e->a, &e->kit, e->dir);
 }
 
 /* ---- metrics ---- */
 
-static double metric(struct env *e, const char *prefix)
-{
-	char *text = th_http_get(e->a.metrics_port, "/metrics");
-	double v = th_metric(text, prefix);
-
-	free(text);
-	cr_assert_geq(v, 0, "metric %s not found", prefix);
-	return v;
-}
-
-/*
- * Wait until @prefix reads @want: the agent tears connections down
- * asynchronously, so poll (20 ms steps, 5 s at most).
- */
-static void wait_metric(struct env *e, const char *prefix, double want)
-{
-	double v = -1;
-
-	for (int i = 0; i < 250; i++) {
-		v = metric(e, prefix);
-		if (v == want)
-			return;
-		th_sleep_ms(20);
-	}
-	cr_assert_fail("%s stayed at %.0f, want %.0f", prefix, v, want);
-}
+/* The agent tears connections down asynchronously: gauges are polled for up to 5 s. */
+#define GAUGE_WAIT_MS 5000
 
 #define CONNS_V	      "flashtier_connections{volume=\"v\",domain=\"\"}"
 #define CONNS_N	      "flashtier_connections{volume=\"n\",domain=\"\"}"
@@ -163,14 +69,6 @@ static void wait_metric(struct env *e, const char *prefix, double want)
 #define HS_FAILURES   "flashtier_handshake_failures_total"
 
 /* ---- a libnbd client whose I/O is checked ---- */
-
-static void fill(void *buf, size_t len, uint64_t off, uint32_t seed)
-{
-	uint64_t *p = buf;
-
-	for (size_t i = 0; i < len / 8; i++)
-		p[i] = (off + 8 * i + 1) * 0x9e3779b97f4a7c15ull ^ ((uint64_t)seed << 32 | seed);
-}
 
 struct client {
 	struct nbd_handle *h;
@@ -184,7 +82,7 @@ static void client_open(struct client *c, struct env *e, const char *export, uin
 {
 	char uri[512];
 
-	c->h = handle_new();
+	c->h = th_nbd_new();
 	c->base = base;
 	c->rounds = 0;
 	th_uri(&e->a, export, uri, sizeof(uri));
@@ -198,13 +96,13 @@ static void client_io(struct client *c, const char *when)
 	uint64_t off = c->base + (uint64_t)c->rounds * IO_LEN;
 
 	cr_assert_lt(c->rounds, 64);
-	fill(buf, IO_LEN, off, c->rounds + 1);
+	th_fill(buf, IO_LEN, off, c->rounds + 1);
 	cr_assert_eq(nbd_pwrite(c->h, buf, IO_LEN, off, 0), 0, "%s: write: %s", when,
 		     nbd_get_error());
 	c->rounds++;
 	for (uint32_t r = 0; r < c->rounds; r++) {
 		off = c->base + (uint64_t)r * IO_LEN;
-		fill(want, IO_LEN, off, r + 1);
+		th_fill(want, IO_LEN, off, r + 1);
 		cr_assert_eq(nbd_pread(c->h, buf, IO_LEN, off, 0), 0, "%s: read: %s", when,
 			     nbd_get_error());
 		cr_assert_arr_eq(buf, want, IO_LEN, "%s: wrong data at %llu", when,
@@ -215,120 +113,8 @@ static void client_io(struct client *c, const char *when)
 
 static void client_close(struct client *c)
 {
-	cr_assert_eq(nbd_shutdown(c->h, 0), 0, "%s", nbd_get_error());
-	handle_close(c->h);
+	th_nbd_disconnect(c->h);
 	c->h = NULL;
-}
-
-/* ---- raw protocol pieces ---- */
-
-static void raw_read(int fd, void *buf, size_t len)
-{
-	size_t done = 0;
-
-	while (done < len) {
-		struct pollfd p = { .fd = fd, .events = POLLIN };
-		ssize_t n;
-
-		cr_assert_eq(poll(&p, 1, 10000), 1, "nothing from flashtierd within 10 s");
-		n = read(fd, (char *)buf + done, len - done);
-		cr_assert_gt(n, 0, "read from flashtierd: %s", n < 0 ? strerror(errno) : "EOF");
-		done += (size_t)n;
-	}
-}
-
-static void raw_write(int fd, const void *buf, size_t len)
-{
-	size_t done = 0;
-
-	while (done < len) {
-		ssize_t n = send(fd, (const char *)buf + done, len - done, MSG_NOSIGNAL);
-
-		cr_assert_gt(n, 0, "write to flashtierd: %s", strerror(errno));
-		done += (size_t)n;
-	}
-}
-
-static int raw_open(struct env *e)
-{
-	int fd = th_unix_connect(e->a.sock);
-
-	cr_assert_geq(fd, 0, "connect: %s", strerror(errno));
-	return fd;
-}
-
-static void raw_greeting(int fd)
-{
-	struct nbd_new_handshake g;
-
-	raw_read(fd, &g, sizeof(g));
-	cr_assert_eq(be64toh(g.nbdmagic), NBD_MAGIC);
-	cr_assert_eq(be64toh(g.version), NBD_IHAVEOPT);
-	cr_assert(be16toh(g.gflags) & NBD_FLAG_FIXED_NEWSTYLE);
-}
-
-static void raw_client_flags(int fd)
-{
-	uint32_t f = htobe32(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
-
-	raw_write(fd, &f, 4);
-}
-
-/* NBD_OPT_GO data for @export with no information requests. */
-static uint32_t go_data(const char *export, uint8_t *out)
-{
-	uint32_t nl = (uint32_t)strlen(export), nl_be = htobe32(nl);
-
-	memcpy(out, &nl_be, 4);
-	memcpy(out + 4, export, nl);
-	memset(out + 4 + nl, 0, 2);
-	return 6 + nl;
-}
-
-static void raw_go(int fd, const char *export)
-{
-	uint8_t data[64];
-	uint32_t len = go_data(export, data);
-	struct nbd_option_header h = { htobe64(NBD_IHAVEOPT), htobe32(NBD_OPT_GO), htobe32(len) };
-
-	raw_write(fd, &h, sizeof(h));
-	raw_write(fd, data, len);
-	for (;;) {
-		struct nbd_option_reply r;
-		uint8_t payload[4096];
-
-		raw_read(fd, &r, sizeof(r));
-		cr_assert_eq(be64toh(r.magic), NBD_REP_MAGIC);
-		cr_assert_leq(be32toh(r.length), sizeof(payload));
-		raw_read(fd, payload, be32toh(r.length));
-		cr_assert_eq(be32toh(r.type) & (1u << 31), 0, "NBD_OPT_GO refused");
-		if (be32toh(r.type) == NBD_REP_ACK)
-			return;
-	}
-}
-
-/* A raw connection already in transmission on @export. */
-static int raw_transmission(struct env *e, const char *export)
-{
-	int fd = raw_open(e);
-
-	raw_greeting(fd);
-	raw_client_flags(fd);
-	raw_go(fd, export);
-	return fd;
-}
-
-static void raw_request(int fd, uint16_t type, uint64_t cookie, uint64_t off, uint32_t len)
-{
-	struct nbd_request r = {
-		.magic = htobe32(NBD_REQUEST_MAGIC),
-		.type = htobe16(type),
-		.cookie = htobe64(cookie),
-		.offset = htobe64(off),
-		.length = htobe32(len),
-	};
-
-	raw_write(fd, &r, sizeof(r));
 }
 
 /* ---- the scenarios ---- */
@@ -358,57 +144,55 @@ enum phase {
 static bool raw_to_phase(struct env *e, enum phase ph, const char *export, int *fdp)
 {
 	static uint8_t payload[MAX_PAYLOAD];
-	int fd = raw_open(e);
+	int fd = th_raw_open(e->a.sock);
 
 	*fdp = fd;
 	if (ph == PH_CLOSE_AT_ONCE)
 		return false;
-	raw_greeting(fd);
+	th_raw_greeting(fd);
 	if (ph == PH_AFTER_GREETING)
 		return false;
 	if (ph == PH_MID_CLIENT_FLAGS) {
 		uint32_t f = htobe32(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
 
-		raw_write(fd, &f, 2);
+		th_raw_write(fd, &f, 2);
 		return false;
 	}
-	raw_client_flags(fd);
+	th_raw_client_flags(fd);
 	if (ph == PH_MID_OPT_HEADER) {
 		struct nbd_option_header h = { htobe64(NBD_IHAVEOPT), htobe32(NBD_OPT_GO),
 					       htobe32(7) };
 
-		raw_write(fd, &h, 8);
+		th_raw_write(fd, &h, 8);
 		return false;
 	}
 	if (ph == PH_MID_OPT_DATA) {
 		uint8_t data[64];
-		uint32_t len = go_data(export, data);
+		uint32_t len = th_raw_go_data(export, data);
 		struct nbd_option_header h = { htobe64(NBD_IHAVEOPT), htobe32(NBD_OPT_GO),
 					       htobe32(len) };
 
-		raw_write(fd, &h, sizeof(h));
-		raw_write(fd, data, 3);
+		th_raw_write(fd, &h, sizeof(h));
+		th_raw_write(fd, data, 3);
 		return false;
 	}
 	if (ph == PH_AFTER_OPTION) {
-		struct nbd_option_header h = { htobe64(NBD_IHAVEOPT), htobe32(NBD_OPT_LIST), 0 };
-
-		raw_write(fd, &h, sizeof(h));
+		th_raw_option(fd, NBD_OPT_LIST, NULL, 0);
 		for (;;) {
 			struct nbd_option_reply r;
 			uint8_t buf[4096];
 
-			raw_read(fd, &r, sizeof(r));
+			th_raw_read(fd, &r, sizeof(r));
 			cr_assert_eq(be64toh(r.magic), NBD_REP_MAGIC);
 			cr_assert_leq(be32toh(r.length), sizeof(buf));
-			raw_read(fd, buf, be32toh(r.length));
+			th_raw_read(fd, buf, be32toh(r.length));
 			if (be32toh(r.type) == NBD_REP_ACK)
 				break;
 			cr_assert_eq(be32toh(r.type), NBD_REP_SERVER);
 		}
 		return false;
 	}
-	raw_go(fd, export);
+	th_raw_go(fd, export);
 	switch (ph) {
 	case PH_AFTER_GO:
 		break;
@@ -417,29 +201,29 @@ static bool raw_to_phase(struct env *e, enum phase ph, const char *export, int *
 					 .type = htobe16(NBD_CMD_READ),
 					 .length = htobe32(4096) };
 
-		raw_write(fd, &r, 10);
+		th_raw_write(fd, &r, 10);
 		break;
 	}
 	case PH_MID_WRITE_PAYLOAD:
-		fill(payload, 64 * 1024, RAW_OFF, 999);
-		raw_request(fd, NBD_CMD_WRITE, 1, RAW_OFF, 1u << 20);
-		raw_write(fd, payload, 64 * 1024);
+		th_fill(payload, 64 * 1024, RAW_OFF, 999);
+		th_raw_request(fd, NBD_CMD_WRITE, 0, 1, RAW_OFF, 1u << 20);
+		th_raw_write(fd, payload, 64 * 1024);
 		break;
 	case PH_READS_IN_FLIGHT:
 		/* Sent, and never read: the replies have nowhere to go. */
 		for (int i = 0; i < 16; i++)
-			raw_request(fd, NBD_CMD_READ, 100 + (uint64_t)i, (uint64_t)i << 20,
-				    1u << 20);
+			th_raw_request(fd, NBD_CMD_READ, 0, 100 + (uint64_t)i, (uint64_t)i << 20,
+				       1u << 20);
 		break;
 	case PH_BIG_WRITE_IN_FLIGHT:
-		fill(payload, MAX_PAYLOAD, 0, 998);
-		raw_request(fd, NBD_CMD_WRITE, 2, RAW_OFF, MAX_PAYLOAD);
-		raw_write(fd, payload, MAX_PAYLOAD);
+		th_fill(payload, MAX_PAYLOAD, 0, 998);
+		th_raw_request(fd, NBD_CMD_WRITE, 0, 2, RAW_OFF, MAX_PAYLOAD);
+		th_raw_write(fd, payload, MAX_PAYLOAD);
 		break;
 	case PH_MID_BIG_WRITE_PAYLOAD:
-		fill(payload, MAX_PAYLOAD, 0, 997);
-		raw_request(fd, NBD_CMD_WRITE, 3, RAW_OFF, MAX_PAYLOAD);
-		raw_write(fd, payload, MAX_PAYLOAD / 2);
+		th_fill(payload, MAX_PAYLOAD, 0, 997);
+		th_raw_request(fd, NBD_CMD_WRITE, 0, 3, RAW_OFF, MAX_PAYLOAD);
+		th_raw_write(fd, payload, MAX_PAYLOAD / 2);
 		break;
 	default:
 		break;
@@ -473,49 +257,51 @@ static void disconnect_at(enum phase ph, const char *export)
 
 	env_start(e);
 	/* Startup probed the socket once: one accepted connection, one "failed" handshake. */
-	wait_metric(e, HS_FAILURES, 1);
+	th_wait_metric(&e->a, HS_FAILURES, 1, GAUGE_WAIT_MS);
 	client_open(&obs, e, export, 0);
 	client_open(&obs_other, e, other, 0);
 	client_io(&obs, "before");
 	client_io(&obs_other, "before");
-	wait_metric(e, conns, 1);
+	th_wait_metric(&e->a, conns, 1, GAUGE_WAIT_MS);
 
 	transmission = raw_to_phase(e, ph, export, &fd);
 	client_io(&obs, "during");
 	client_io(&obs_other, "during");
 	if (transmission)
-		wait_metric(e, conns, 2);
+		th_wait_metric(&e->a, conns, 2, GAUGE_WAIT_MS);
 	close(fd);
 	client_io(&obs, "after");
 	client_io(&obs_other, "after");
 
 	/* The gauges come back to the clients still open; the counters are exact. */
-	wait_metric(e, conns, 1);
-	wait_metric(e, ACCEPTED, 4);
-	wait_metric(e, HS_FAILURES, transmission ? 1 : 2);
-	cr_expect_eq(metric(e, total), transmission ? 2 : 1);
-	cr_expect_eq(metric(e, strcmp(export, "v") == 0 ? CONNS_N : CONNS_V), 1);
+	th_wait_metric(&e->a, conns, 1, GAUGE_WAIT_MS);
+	th_wait_metric(&e->a, ACCEPTED, 4, GAUGE_WAIT_MS);
+	th_wait_metric(&e->a, HS_FAILURES, transmission ? 1 : 2, GAUGE_WAIT_MS);
+	cr_expect_eq(th_agent_metric(&e->a, total), transmission ? 2 : 1);
+	cr_expect_eq(th_agent_metric(&e->a, strcmp(export, "v") == 0 ? CONNS_N : CONNS_V), 1);
 
 	/* An incomplete WRITE must not have been applied, not even in part. */
 	if (ph == PH_MID_WRITE_PAYLOAD)
 		expect_zero_area(obs.h, RAW_OFF, 1u << 20, "a half-received WRITE");
 	if (ph == PH_MID_BIG_WRITE_PAYLOAD)
 		expect_zero_area(obs.h, RAW_OFF, MAX_PAYLOAD, "a half-received WRITE");
-	cr_expect_eq(metric(e, strcmp(export, "v") == 0
-				       ? "flashtier_requests_in_flight{volume=\"v\",domain=\"\"}"
-				       : "flashtier_requests_in_flight{volume=\"n\",domain=\"\"}"),
-		     0, "requests still counted in flight after the client left");
+	cr_expect_eq(
+		th_agent_metric(&e->a,
+				strcmp(export, "v") == 0
+					? "flashtier_requests_in_flight{volume=\"v\",domain=\"\"}"
+					: "flashtier_requests_in_flight{volume=\"n\",domain=\"\"}"),
+		0, "requests still counted in flight after the client left");
 
 	/* A newcomer gets in and works. */
 	client_open(&fresh, e, export, 8u << 20);
 	client_io(&fresh, "new client");
 	client_io(&obs, "with a new client");
-	cr_expect_eq(metric(e, conns), 2);
+	cr_expect_eq(th_agent_metric(&e->a, conns), 2);
 	client_close(&fresh);
 	client_close(&obs);
 	client_close(&obs_other);
-	wait_metric(e, CONNS_V, 0);
-	wait_metric(e, CONNS_N, 0);
+	th_wait_metric(&e->a, CONNS_V, 0, GAUGE_WAIT_MS);
+	th_wait_metric(&e->a, CONNS_N, 0, GAUGE_WAIT_MS);
 	cr_assert(ft_agent_alive(&e->a), "flashtierd died");
 	env_finish(e);
 }
@@ -635,14 +421,18 @@ Test(disconnects, all_phases_one_agent)
 			obs_n.rounds = 0;
 		}
 	}
-	wait_metric(e, CONNS_V, 1);
-	wait_metric(e, CONNS_N, 1);
-	wait_metric(e, ACCEPTED, accepted);
-	wait_metric(e, HS_FAILURES, hs_failures);
-	cr_expect_eq(metric(e, CONNS_TOTAL_V), total_v);
-	cr_expect_eq(metric(e, CONNS_TOTAL_N), total_n);
-	cr_expect_eq(metric(e, "flashtier_requests_in_flight{volume=\"v\",domain=\"\"}"), 0);
-	cr_expect_eq(metric(e, "flashtier_requests_in_flight{volume=\"n\",domain=\"\"}"), 0);
+	th_wait_metric(&e->a, CONNS_V, 1, GAUGE_WAIT_MS);
+	th_wait_metric(&e->a, CONNS_N, 1, GAUGE_WAIT_MS);
+	th_wait_metric(&e->a, ACCEPTED, accepted, GAUGE_WAIT_MS);
+	th_wait_metric(&e->a, HS_FAILURES, hs_failures, GAUGE_WAIT_MS);
+	cr_expect_eq(th_agent_metric(&e->a, CONNS_TOTAL_V), total_v);
+	cr_expect_eq(th_agent_metric(&e->a, CONNS_TOTAL_N), total_n);
+	cr_expect_eq(
+		th_agent_metric(&e->a, "flashtier_requests_in_flight{volume=\"v\",domain=\"\"}"),
+		0);
+	cr_expect_eq(
+		th_agent_metric(&e->a, "flashtier_requests_in_flight{volume=\"n\",domain=\"\"}"),
+		0);
 	client_close(&obs_v);
 	client_close(&obs_n);
 	env_finish(e);
@@ -662,22 +452,22 @@ Test(disconnects, fifty_cycles)
 	client_open(&obs, e, "v", 0);
 	th_uri(&e->a, "v", uri, sizeof(uri));
 	for (int i = 0; i < 50; i++) {
-		struct nbd_handle *h = handle_new();
+		struct nbd_handle *h = th_nbd_new();
 
 		cr_assert_eq(nbd_connect_uri(h, uri), 0, "cycle %d: %s", i, nbd_get_error());
 		if (i % 2 == 0)
 			cr_assert_eq(nbd_shutdown(h, 0), 0, "%s", nbd_get_error());
-		handle_close(h);
+		th_nbd_close(h);
 		if (i % 10 == 9)
 			client_io(&obs, "cycles");
 	}
-	wait_metric(e, CONNS_V, 1);
-	wait_metric(e, ACCEPTED, 52);
-	cr_expect_eq(metric(e, CONNS_TOTAL_V), 51);
-	cr_expect_eq(metric(e, HS_FAILURES), 1);
+	th_wait_metric(&e->a, CONNS_V, 1, GAUGE_WAIT_MS);
+	th_wait_metric(&e->a, ACCEPTED, 52, GAUGE_WAIT_MS);
+	cr_expect_eq(th_agent_metric(&e->a, CONNS_TOTAL_V), 51);
+	cr_expect_eq(th_agent_metric(&e->a, HS_FAILURES), 1);
 	client_io(&obs, "after the cycles");
 	client_close(&obs);
-	wait_metric(e, CONNS_V, 0);
+	th_wait_metric(&e->a, CONNS_V, 0, GAUGE_WAIT_MS);
 	env_finish(e);
 }
 
@@ -698,15 +488,15 @@ Test(disconnects, sigterm_with_clients_connected)
 	client_io(&obs, "before");
 	raw_to_phase(e, PH_MID_OPT_HEADER, "v", &fd_hs);
 	raw_to_phase(e, PH_AFTER_GO, "n", &fd_tx);
-	fd_payload = raw_transmission(e, "v");
-	raw_request(fd_payload, NBD_CMD_WRITE, 1, RAW_OFF, 1u << 20);
-	raw_write(fd_payload, buf, sizeof(buf));
-	wait_metric(e, CONNS_V, 2);
-	wait_metric(e, CONNS_N, 1);
+	fd_payload = th_raw_connect(e->a.sock, "v", false);
+	th_raw_request(fd_payload, NBD_CMD_WRITE, 0, 1, RAW_OFF, 1u << 20);
+	th_raw_write(fd_payload, buf, sizeof(buf));
+	th_wait_metric(&e->a, CONNS_V, 2, GAUGE_WAIT_MS);
+	th_wait_metric(&e->a, CONNS_N, 1, GAUGE_WAIT_MS);
 	client_io(&obs, "before SIGTERM");
 	env_finish(e);
 	close(fd_hs);
 	close(fd_tx);
 	close(fd_payload);
-	handle_close(obs.h);
+	th_nbd_close(obs.h);
 }

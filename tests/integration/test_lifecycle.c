@@ -4,18 +4,10 @@
  * anything is bound or written), the command line, draining on SIGTERM and
  * SIGINT with requests in flight, stale and busy sockets, SIGHUP.
  */
-#include <libnbd.h>
 #include <sys/time.h>
 
-/*
- * Some versions of harness.h copy a char[320] socket path into sun_path[108]
- * with snprintf, which GCC -O2 inlining turns into -Wformat-truncation under
- * -Werror. The paths used here are short (/tmp/ft-test.XXXXXX/...).
- */
-#pragma GCC diagnostic ignored "-Wformat-truncation"
-#include "harness.h"
-
 #include "flashtier/version.h"
+#include "nbd_client.h"
 
 #define MiB (1024 * 1024)
 
@@ -26,61 +18,11 @@ static pid_t extra_pid; /* a second agent or a one-shot run */
 
 static void cleanup(void)
 {
-	if (extra_pid > 0) {
-		kill(extra_pid, SIGKILL);
-		waitpid(extra_pid, NULL, 0);
-		extra_pid = 0;
-	}
-	if (agent.pid > 0) {
-		kill(agent.pid, SIGKILL);
-		waitpid(agent.pid, NULL, 0);
-		agent.pid = 0;
-	}
-	if (kit > 0) {
-		kill(kit, SIGKILL);
-		waitpid(kit, NULL, 0);
-		kit = 0;
-	}
-	if (tdir[0])
-		th_rm_rf(tdir);
-	tdir[0] = '\0';
+	th_kill(&extra_pid);
+	th_env_teardown(&agent, &kit, tdir);
 }
 
 TestSuite(lifecycle, .fini = cleanup, .timeout = 60);
-
-/*
- * The harness returns once the NBD socket accepts; the agent opens its
- * metrics endpoint just after that. Poll until it accepts too.
- */
-static void wait_metrics_up(void)
-{
-	struct sockaddr_in sa = { .sin_family = AF_INET,
-				  .sin_port = htons((uint16_t)agent.metrics_port),
-				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-
-	for (int waited = 0;; waited += 10) {
-		int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-		cr_assert_geq(fd, 0);
-		if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
-			close(fd);
-			return;
-		}
-		close(fd);
-		cr_assert(ft_agent_alive(&agent), "flashtierd died during start-up");
-		cr_assert_lt(waited, 10000, "metrics endpoint on port %d never came up",
-			     agent.metrics_port);
-		th_sleep_ms(10);
-	}
-}
-
-static double now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
 
 static char *slurp(const char *path)
 {
@@ -165,16 +107,14 @@ static void run_agent(const char *dir, const char *const *args, int timeout_ms, 
 		execv(bin, (char *const *)argv);
 		_exit(127);
 	}
-	end = now_ms() + timeout_ms;
+	end = th_now_ms() + timeout_ms;
 	for (;;) {
 		pid_t w = waitpid(extra_pid, &status, WNOHANG);
 
 		if (w == extra_pid)
 			break;
-		if (now_ms() > end) {
-			kill(extra_pid, SIGKILL);
-			waitpid(extra_pid, NULL, 0);
-			extra_pid = 0;
+		if (th_now_ms() > end) {
+			th_kill(&extra_pid);
 			th_dump_file(err_path);
 			cr_assert_fail(
 				"flashtierd still running after %d ms (it should have exited)",
@@ -537,38 +477,10 @@ Test(lifecycle, help)
 
 /* ---- signals with requests in flight ---- */
 
-static struct nbd_handle *connect_export(const char *name)
-{
-	struct nbd_handle *h = nbd_create();
-
-	cr_assert_not_null(h, "nbd_create: %s", nbd_get_error());
-	cr_assert_eq(nbd_set_export_name(h, name), 0, "%s", nbd_get_error());
-	cr_assert_eq(nbd_connect_unix(h, agent.sock), 0, "connect to '%s': %s", name,
-		     nbd_get_error());
-	return h;
-}
-
-static void fill(void *buf, size_t len, unsigned seed)
-{
-	unsigned char *p = buf;
-
-	for (size_t i = 0; i < len; i++)
-		p[i] = (unsigned char)((i * 13 + seed * 101 + (i >> 10)) & 0xff);
-}
-
-static double metric(const char *prefix)
-{
-	char *text = th_http_get(agent.metrics_port, "/metrics");
-	double v = th_metric(text, prefix);
-
-	free(text);
-	return v;
-}
-
 /* Wait for the agent to exit by itself (no signal sent); returns the exit code. */
 static int wait_exit(struct ft_agent *a, int timeout_ms)
 {
-	double end = now_ms() + timeout_ms;
+	double end = th_now_ms() + timeout_ms;
 	int status = 0;
 
 	for (;;) {
@@ -576,7 +488,7 @@ static int wait_exit(struct ft_agent *a, int timeout_ms)
 
 		if (w == a->pid)
 			break;
-		if (now_ms() > end) {
+		if (th_now_ms() > end) {
 			th_dump_file(a->log);
 			cr_assert_fail("flashtierd did not exit within %d ms", timeout_ms);
 		}
@@ -616,8 +528,7 @@ static void drain_on_signal(int sig)
 		 "{ \"slow\": { \"backing\": \"nbd+unix:///?socket=%s\", \"domain\": \"vm-s\" } }",
 		 kit_sock);
 	ft_agent_start_in(&agent, tdir, vols, "");
-	wait_metrics_up();
-	h = connect_export("slow");
+	h = th_nbd_connect(&agent, "slow");
 
 	/* Data to read back: written first (all at once; each write takes 1 s). */
 	for (int i = 0; i < 2 * N; i++) {
@@ -625,16 +536,12 @@ static void drain_on_signal(int sig)
 		cr_assert_not_null(bufs[i]);
 	}
 	for (int i = 0; i < N; i++) {
-		fill(bufs[i], LEN, (unsigned)i);
+		th_fill(bufs[i], LEN, (uint64_t)i * MiB, (unsigned)i);
 		cookies[i] =
 			nbd_aio_pwrite(h, bufs[i], LEN, (uint64_t)i * MiB, NBD_NULL_COMPLETION, 0);
 		cr_assert_gt(cookies[i], 0, "%s", nbd_get_error());
 	}
-	end = now_ms() + 10000;
-	while (nbd_aio_in_flight(h) > 0) {
-		cr_assert_lt(now_ms(), end, "setup writes did not finish");
-		cr_assert_geq(nbd_poll(h, 100), 0, "%s", nbd_get_error());
-	}
+	th_nbd_wait_idle(h, 10000, "setup writes did not finish");
 	for (int i = 0; i < N; i++)
 		cr_assert_eq(nbd_aio_command_completed(h, (uint64_t)cookies[i]), 1, "%s",
 			     nbd_get_error());
@@ -645,28 +552,30 @@ static void drain_on_signal(int sig)
 		cookies[i] =
 			nbd_aio_pread(h, bufs[i], LEN, (uint64_t)i * MiB, NBD_NULL_COMPLETION, 0);
 		cr_assert_gt(cookies[i], 0, "%s", nbd_get_error());
-		fill(bufs[N + i], LEN, 100 + (unsigned)i);
+		th_fill(bufs[N + i], LEN, (uint64_t)i * MiB + MiB / 2, 100 + (unsigned)i);
 		cookies[N + i] = nbd_aio_pwrite(h, bufs[N + i], LEN, (uint64_t)i * MiB + MiB / 2,
 						NBD_NULL_COMPLETION, 0);
 		cr_assert_gt(cookies[N + i], 0, "%s", nbd_get_error());
 	}
-	while (nbd_aio_get_direction(h) & LIBNBD_AIO_DIRECTION_WRITE)
-		cr_assert_geq(nbd_poll(h, 100), 0, "%s", nbd_get_error());
+	th_nbd_send_queued(h);
 	/* All of them reached the agent and are waiting on the store. */
-	end = now_ms() + 900;
-	while (metric("flashtier_requests_in_flight{volume=\"slow\",domain=\"vm-s\"}") != 2 * N) {
-		cr_assert_lt(now_ms(), end, "the requests never were all in flight at the agent");
+	end = th_now_ms() + 900;
+	while (th_agent_metric(&agent,
+			       "flashtier_requests_in_flight{volume=\"slow\",domain=\"vm-s\"}") !=
+	       2 * N) {
+		cr_assert_lt(th_now_ms(), end,
+			     "the requests never were all in flight at the agent");
 		th_sleep_ms(5);
 	}
 
-	t_sig = now_ms();
+	t_sig = th_now_ms();
 	cr_assert_eq(kill(agent.pid, sig), 0);
 
 	/* Every request completes, successfully. */
-	end = now_ms() + 15000;
+	end = th_now_ms() + 15000;
 	while (nbd_aio_in_flight(h) > 0) {
-		cr_assert_lt(now_ms(), end, "requests still pending %.0f ms after %s",
-			     now_ms() - t_sig, name);
+		cr_assert_lt(th_now_ms(), end, "requests still pending %.0f ms after %s",
+			     th_now_ms() - t_sig, name);
 		if (nbd_poll(h, 100) < 0)
 			break; /* connection ended; the loop below says how the requests fared */
 	}
@@ -678,11 +587,11 @@ static void drain_on_signal(int sig)
 		cr_assert_eq(rc, 1, "%s %d in flight at %s: %s (completed=%d)",
 			     i < N ? "read" : "write", i % N, name, nbd_get_error(), rc);
 		if (i < N) {
-			fill(want, LEN, (unsigned)i);
+			th_fill(want, LEN, (uint64_t)i * MiB, (unsigned)i);
 			cr_assert_arr_eq(bufs[i], want, LEN, "read %d returned wrong data", i);
 		}
 	}
-	nbd_close(h);
+	th_nbd_close(h);
 
 	cr_assert_eq(wait_exit(&agent, 15000), 0, "flashtierd did not exit 0 after %s", name);
 	cr_assert_eq(access(agent.sock, F_OK), -1, "flashtierd left its socket %s behind",
@@ -696,8 +605,7 @@ static void drain_on_signal(int sig)
 	}
 
 	/* The drained writes are in the store (read straight from nbdkit). */
-	h = nbd_create();
-	cr_assert_not_null(h);
+	h = th_nbd_new();
 	cr_assert_eq(nbd_connect_unix(h, kit_sock), 0, "%s", nbd_get_error());
 	for (int i = 0; i < N; i++) {
 		memset(bufs[i], 0, LEN);
@@ -705,18 +613,14 @@ static void drain_on_signal(int sig)
 					   NBD_NULL_COMPLETION, 0);
 		cr_assert_gt(cookies[i], 0, "%s", nbd_get_error());
 	}
-	end = now_ms() + 10000;
-	while (nbd_aio_in_flight(h) > 0) {
-		cr_assert_lt(now_ms(), end, "reads from nbdkit did not finish");
-		cr_assert_geq(nbd_poll(h, 100), 0, "%s", nbd_get_error());
-	}
+	th_nbd_wait_idle(h, 10000, "reads from nbdkit did not finish");
 	for (int i = 0; i < N; i++) {
 		cr_assert_eq(nbd_aio_command_completed(h, (uint64_t)cookies[i]), 1, "%s",
 			     nbd_get_error());
 		cr_assert_arr_eq(bufs[i], bufs[N + i], LEN,
 				 "write %d drained at %s is not in the store", i, name);
 	}
-	nbd_close(h);
+	th_nbd_close(h);
 	for (int i = 0; i < 2 * N; i++)
 		free(bufs[i]);
 	free(want);
@@ -743,28 +647,26 @@ Test(lifecycle, sigterm_with_idle_client)
 	th_make_file(tdir, "disk.img", 16 * MiB, disk, sizeof(disk));
 	snprintf(vols, sizeof(vols), "{ \"disk0\": { \"backing\": \"%s\" } }", disk);
 	ft_agent_start_in(&agent, tdir, vols, "");
-	wait_metrics_up();
-	h = connect_export("disk0");
+	h = th_nbd_connect(&agent, "disk0");
 	cr_assert_eq(nbd_pread(h, buf, sizeof(buf), 0, 0), 0, "%s", nbd_get_error());
 	cr_assert_eq(kill(agent.pid, SIGTERM), 0);
 	cr_assert_eq(wait_exit(&agent, 5000), 0);
 	cr_assert_eq(access(agent.sock, F_OK), -1, "socket left behind");
-	nbd_close(h);
+	th_nbd_close(h);
 }
 
 /* ---- sockets ---- */
 
 static void io_roundtrip(const char *export, unsigned seed)
 {
-	struct nbd_handle *h = connect_export(export);
+	struct nbd_handle *h = th_nbd_connect(&agent, export);
 	char w[8192], r[8192];
 
-	fill(w, sizeof(w), seed);
+	th_fill(w, sizeof(w), 4096 * seed, seed);
 	cr_assert_eq(nbd_pwrite(h, w, sizeof(w), 4096 * seed, 0), 0, "%s", nbd_get_error());
 	cr_assert_eq(nbd_pread(h, r, sizeof(r), 4096 * seed, 0), 0, "%s", nbd_get_error());
 	cr_assert_arr_eq(w, r, sizeof(w));
-	nbd_shutdown(h, 0);
-	nbd_close(h);
+	th_nbd_disconnect(h);
 }
 
 /* Start an agent on @vols in tdir, serve a little, kill -9 it and reap it. */
@@ -774,7 +676,6 @@ static void start_and_kill9(const char *vols)
 	int status;
 
 	ft_agent_start_in(&agent, tdir, vols, "");
-	wait_metrics_up();
 	io_roundtrip("disk0", 1);
 	cr_assert_eq(kill(agent.pid, SIGKILL), 0);
 	cr_assert_eq(waitpid(agent.pid, &status, 0), agent.pid);
@@ -806,7 +707,7 @@ static void expect_restart_serves(void)
 		      "debug", (char *)NULL);
 		_exit(127);
 	}
-	end = now_ms() + 10000;
+	end = th_now_ms() + 10000;
 	for (;;) {
 		struct nbd_handle *h;
 
@@ -816,15 +717,14 @@ static void expect_restart_serves(void)
 			cr_assert_fail("the restarted flashtierd exited instead of replacing the "
 				       "stale socket (log above)");
 		}
-		h = nbd_create();
-		cr_assert_not_null(h);
+		h = th_nbd_new();
 		nbd_set_export_name(h, "disk0");
 		if (nbd_connect_unix(h, agent.sock) == 0) {
-			nbd_close(h);
+			th_nbd_close(h);
 			break;
 		}
-		nbd_close(h);
-		cr_assert_lt(now_ms(), end, "the restarted flashtierd never served");
+		th_nbd_close(h);
+		cr_assert_lt(th_now_ms(), end, "the restarted flashtierd never served");
 		th_sleep_ms(20);
 	}
 	io_roundtrip("disk0", 2);
@@ -844,10 +744,10 @@ Test(lifecycle, stale_socket_is_replaced)
 	snprintf(vols, sizeof(vols), "{ \"disk0\": { \"backing\": \"%s\" } }", disk);
 	start_and_kill9(vols);
 	/* The kernel may keep the dead agent's listener for a moment (io_uring teardown). */
-	end = now_ms() + 5000;
+	end = th_now_ms() + 5000;
 	while ((fd = th_unix_connect(agent.sock)) >= 0) {
 		close(fd);
-		cr_assert_lt(now_ms(), end, "the dead agent's socket still accepts after 5 s");
+		cr_assert_lt(th_now_ms(), end, "the dead agent's socket still accepts after 5 s");
 		th_sleep_ms(5);
 	}
 	cr_assert_eq(access(agent.sock, F_OK), 0, "stale socket file vanished");
@@ -885,7 +785,6 @@ Test(lifecycle, second_agent_on_same_socket_fails)
 	th_make_file(tdir, "disk.img", 16 * MiB, disk, sizeof(disk));
 	snprintf(vols, sizeof(vols), "{ \"disk0\": { \"backing\": \"%s\" } }", disk);
 	ft_agent_start_in(&agent, tdir, vols, "");
-	wait_metrics_up();
 	io_roundtrip("disk0", 1);
 
 	/* Same socket, its own metrics port. */
@@ -943,16 +842,15 @@ Test(lifecycle, sighup_keeps_serving)
 	th_make_file(tdir, "disk.img", 16 * MiB, disk, sizeof(disk));
 	snprintf(vols, sizeof(vols), "{ \"disk0\": { \"backing\": \"%s\" } }", disk);
 	ft_agent_start_in(&agent, tdir, vols, "");
-	wait_metrics_up();
 	cr_assert_eq(kill(agent.pid, SIGHUP), 0);
 	/* The agent logs SIGHUP; wait for that rather than sleeping. */
-	end = now_ms() + 5000;
+	end = th_now_ms() + 5000;
 	for (;;) {
 		log = slurp(agent.log);
 		if (strstr(log, "SIGHUP"))
 			break;
 		free(log);
-		cr_assert_lt(now_ms(), end, "SIGHUP not acknowledged in the log");
+		cr_assert_lt(th_now_ms(), end, "SIGHUP not acknowledged in the log");
 		th_sleep_ms(10);
 	}
 	free(log);

@@ -5,17 +5,8 @@
  * counts after known I/O, consistent histograms, escaping of awkward label
  * values, and the HTTP surface (404 elsewhere, 405 for other methods).
  */
-#include <libnbd.h>
-
-/*
- * Some versions of harness.h copy a char[320] socket path into sun_path[108]
- * with snprintf, which GCC -O2 inlining turns into -Wformat-truncation under
- * -Werror. The paths used here are short (/tmp/ft-test.XXXXXX/...).
- */
-#pragma GCC diagnostic ignored "-Wformat-truncation"
-#include "harness.h"
-
 #include "flashtier/version.h"
+#include "nbd_client.h"
 
 #define MiB	  (1024 * 1024)
 #define DISK_SIZE (16 * MiB)
@@ -33,73 +24,10 @@ static pid_t kit;
 
 static void cleanup(void)
 {
-	if (agent.pid > 0) {
-		kill(agent.pid, SIGKILL);
-		waitpid(agent.pid, NULL, 0);
-		agent.pid = 0;
-	}
-	if (kit > 0) {
-		kill(kit, SIGKILL);
-		waitpid(kit, NULL, 0);
-		kit = 0;
-	}
-	if (tdir[0])
-		th_rm_rf(tdir);
-	tdir[0] = '\0';
+	th_env_teardown(&agent, &kit, tdir);
 }
 
 TestSuite(metrics, .fini = cleanup, .timeout = 60);
-
-/*
- * The harness returns once the NBD socket accepts; the agent opens its
- * metrics endpoint just after that. Poll until it accepts too.
- */
-static void wait_metrics_up(void)
-{
-	struct sockaddr_in sa = { .sin_family = AF_INET,
-				  .sin_port = htons((uint16_t)agent.metrics_port),
-				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-
-	for (int waited = 0;; waited += 10) {
-		int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-		cr_assert_geq(fd, 0);
-		if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
-			close(fd);
-			return;
-		}
-		close(fd);
-		cr_assert(ft_agent_alive(&agent), "flashtierd died during start-up");
-		cr_assert_lt(waited, 10000, "metrics endpoint on port %d never came up",
-			     agent.metrics_port);
-		th_sleep_ms(10);
-	}
-}
-
-static double now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
-static struct nbd_handle *connect_export(const char *name)
-{
-	struct nbd_handle *h = nbd_create();
-
-	cr_assert_not_null(h, "nbd_create: %s", nbd_get_error());
-	cr_assert_eq(nbd_set_export_name(h, name), 0, "%s", nbd_get_error());
-	cr_assert_eq(nbd_connect_unix(h, agent.sock), 0, "connect to '%s': %s", name,
-		     nbd_get_error());
-	return h;
-}
-
-static void disconnect(struct nbd_handle *h)
-{
-	nbd_shutdown(h, 0);
-	nbd_close(h);
-}
 
 /* The body of an HTTP response (after the blank line), or NULL. */
 static const char *http_body(const char *resp)
@@ -313,7 +241,6 @@ static void start_three_volumes(void)
 		 "  \"nodom\": { \"backing\": \"%s\", \"readonly\": true } }",
 		 disk, disk, disk);
 	ft_agent_start_in(&agent, tdir, vols, "");
-	wait_metrics_up();
 }
 
 Test(metrics, promtool_clean_and_exact_counts)
@@ -324,8 +251,8 @@ Test(metrics, promtool_clean_and_exact_counts)
 	int nseries;
 
 	start_three_volumes();
-	h = connect_export("disk0");
-	hw = connect_export(WEIRD_NAME);
+	h = th_nbd_connect(&agent, "disk0");
+	hw = th_nbd_connect(&agent, WEIRD_NAME);
 
 	/* Known I/O: R reads of 4 KiB, W writes of 8 KiB, 1 flush, 2 trims, 1 zero. */
 	memset(buf, 0x3c, sizeof(buf));
@@ -416,10 +343,10 @@ Test(metrics, promtool_clean_and_exact_counts)
 	free(body);
 
 	/* Connections go back to 0 once the clients leave. */
-	disconnect(h);
-	disconnect(hw);
+	th_nbd_disconnect(h);
+	th_nbd_disconnect(hw);
 	{
-		double end = now_ms() + 5000;
+		double end = th_now_ms() + 5000;
 
 		for (;;) {
 			body = scrape();
@@ -429,7 +356,7 @@ Test(metrics, promtool_clean_and_exact_counts)
 			    0)
 				break;
 			free(body);
-			cr_assert_lt(now_ms(), end, "connections gauge stuck");
+			cr_assert_lt(th_now_ms(), end, "connections gauge stuck");
 			th_sleep_ms(10);
 		}
 		promtool_check(body);
@@ -484,8 +411,7 @@ Test(metrics, in_flight_rises_and_returns_to_zero)
 		"{ \"slow\": { \"backing\": \"nbd+unix:///?socket=%s\", \"domain\": \"vm-slow\" } }",
 		kit_sock);
 	ft_agent_start_in(&agent, tdir, vols, "");
-	wait_metrics_up();
-	h = connect_export("slow");
+	h = th_nbd_connect(&agent, "slow");
 	for (int i = 0; i < N; i++) {
 		bufs[i] = malloc(4096);
 		cr_assert_not_null(bufs[i]);
@@ -493,9 +419,8 @@ Test(metrics, in_flight_rises_and_returns_to_zero)
 			nbd_aio_pread(h, bufs[i], 4096, (uint64_t)i * 4096, NBD_NULL_COMPLETION, 0);
 		cr_assert_gt(cookies[i], 0, "%s", nbd_get_error());
 	}
-	while (nbd_aio_get_direction(h) & LIBNBD_AIO_DIRECTION_WRITE)
-		cr_assert_geq(nbd_poll(h, 100), 0, "%s", nbd_get_error());
-	end = now_ms() + 700;
+	th_nbd_send_queued(h);
+	end = th_now_ms() + 700;
 	for (;;) {
 		double v;
 
@@ -504,7 +429,7 @@ Test(metrics, in_flight_rises_and_returns_to_zero)
 		if (v == N)
 			break;
 		free(body);
-		cr_assert_lt(now_ms(), end, "in_flight never reached %d (last %g)", N, v);
+		cr_assert_lt(th_now_ms(), end, "in_flight never reached %d (last %g)", N, v);
 		th_sleep_ms(5);
 	}
 	/* A scrape taken mid-flight is valid too. */
@@ -512,11 +437,7 @@ Test(metrics, in_flight_rises_and_returns_to_zero)
 	check_histograms(body);
 	free(body);
 
-	end = now_ms() + 10000;
-	while (nbd_aio_in_flight(h) > 0) {
-		cr_assert_lt(now_ms(), end, "slow reads never finished");
-		cr_assert_geq(nbd_poll(h, 100), 0, "%s", nbd_get_error());
-	}
+	th_nbd_wait_idle(h, 10000, "slow reads never finished");
 	for (int i = 0; i < N; i++) {
 		cr_assert_eq(nbd_aio_command_completed(h, (uint64_t)cookies[i]), 1, "%s",
 			     nbd_get_error());
@@ -546,6 +467,6 @@ Test(metrics, in_flight_rises_and_returns_to_zero)
 			"flashtier_request_duration_seconds_sum{volume=\"slow\",domain=\"vm-slow\",op=\"read\"}"),
 		N * 0.75);
 	free(body);
-	disconnect(h);
+	th_nbd_disconnect(h);
 	cr_assert_eq(ft_agent_stop(&agent), 0);
 }

@@ -17,15 +17,7 @@
 #include <stdint.h>
 #include <time.h>
 
-/*
- * harness.h's th_unix_connect() snprintf()s the 320-byte ft_agent.sock into
- * the 108-byte sun_path; once inlined (SANITIZE=1 builds) GCC flags it with
- * -Wformat-truncation. The paths are short /tmp ones; silence only that.
- */
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wformat-truncation"
 #include "../integration/harness.h"
-#pragma GCC diagnostic pop
 #include "flashtier/nbd_proto.h"
 
 #define TMO_MS 5000
@@ -126,13 +118,7 @@ static void setup(void)
 /* Only after a failed assertion: the test body did not get to finish(). */
 static void teardown(void)
 {
-	if (agent.pid > 0) {
-		fprintf(stderr, "agent log:\n");
-		th_dump_file(agent.log);
-		kill(agent.pid, SIGKILL);
-		waitpid(agent.pid, NULL, 0);
-		agent.pid = 0;
-	}
+	th_agent_kill(&agent);
 	if (agent.dir[0])
 		th_rm_rf(agent.dir);
 }
