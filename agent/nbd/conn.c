@@ -25,6 +25,7 @@ static void conn_recv_arm(struct nbd_conn *c);
 static void conn_flush_send(struct nbd_conn *c);
 static void conn_maybe_finish(struct nbd_conn *c);
 static void conn_try_handoff(struct nbd_conn *c);
+static void on_flush_deferred(struct ft_deferred *d);
 
 static uint64_t next_conn_id = 1;
 
@@ -106,7 +107,7 @@ static void conn_maybe_finish(struct nbd_conn *c)
 		c->skip_req = NULL;
 		c->skip_done = NULL;
 	}
-	if (c->busy || c->recv_armed || c->send_armed || c->inflight > 0)
+	if (c->busy || c->recv_armed || c->send_armed || c->inflight > 0 || c->flush_d.queued)
 		return;
 	conn_free(c);
 }
@@ -232,10 +233,20 @@ void conn_send(struct nbd_conn *c, struct nbd_out *o)
 		c->out_head = o;
 	c->out_tail = o;
 	/*
-	 * Sending is deferred to the end of this batch when a send is armed;
-	 * otherwise start now. Either way many replies share one sendmsg.
+	 * Send once this reactor has handled its whole batch of completions:
+	 * every reply the batch produced then shares one sendmsg, and the
+	 * client is woken once instead of once per reply.
 	 */
+	ft_reactor_defer(c->r, &c->flush_d);
+}
+
+static void on_flush_deferred(struct ft_deferred *d)
+{
+	struct nbd_conn *c = (struct nbd_conn *)((char *)d - offsetof(struct nbd_conn, flush_d));
+
+	conn_enter(c);
 	conn_flush_send(c);
+	conn_leave(c);
 }
 
 /* ---- receiving ---- */
@@ -450,7 +461,8 @@ static void on_handoff(struct ft_reactor *r, struct ft_msg *m)
  */
 static void conn_try_handoff(struct nbd_conn *c)
 {
-	if (c->recv_armed || c->send_armed)
+	/* The negotiation's replies leave from this reactor first. */
+	if (c->recv_armed || c->send_armed || c->flush_d.queued || c->out_head)
 		return;
 	server_conn_unlink(c->srv, c);
 	ft_reactor_release(c->r);
@@ -507,6 +519,7 @@ struct nbd_conn *conn_new(struct ft_nbd_server *srv, struct ft_reactor *r, int f
 	c->id = __atomic_fetch_add(&next_conn_id, 1, __ATOMIC_RELAXED);
 	c->recv_c.fn = on_recv;
 	c->send_c.fn = on_send;
+	c->flush_d.fn = on_flush_deferred;
 	c->state = CS_HANDSHAKE;
 	c->hs = HS_CLIENT_FLAGS;
 	ft_reactor_hold(r);

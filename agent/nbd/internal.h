@@ -79,6 +79,7 @@ struct nbd_conn {
 	size_t out_head_sent; /* bytes of out_head already sent */
 	struct ft_completion send_c;
 	bool send_armed;
+	struct ft_deferred flush_d; /* queued: a send starts at the end of the batch */
 	struct msghdr msg;
 	struct iovec send_iov[SEND_MAX_IOV];
 
