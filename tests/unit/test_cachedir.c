@@ -1,0 +1,334 @@
+/* SPDX-License-Identifier: MIT */
+/* Unit tests: the S3-FIFO cache directory and the sequential-cutoff admission. */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "flashtier/admission.h"
+#include "flashtier/cachedir.h"
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+
+static uint64_t rnd(void)
+{
+	uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+static struct ft_cachedir *mk(uint32_t n)
+{
+	struct ft_cachedir *d = NULL;
+
+	cr_assert_eq(ft_cachedir_create(n, &d), 0);
+	cr_assert_not_null(d);
+	return d;
+}
+
+/* Insert @k, which must be absent; returns its slot. */
+static uint32_t put(struct ft_cachedir *d, ft_cache_key k)
+{
+	bool ev;
+	ft_cache_key victim = 0;
+	uint32_t s;
+
+	cr_assert_eq(ft_cachedir_find(d, k), FT_CACHEDIR_NONE, "key %llx already present",
+		     (unsigned long long)k);
+	s = ft_cachedir_insert(d, k, &ev, &victim);
+	cr_assert_neq(s, FT_CACHEDIR_NONE);
+	cr_assert_eq(ft_cachedir_find(d, k), s);
+	cr_assert_eq(ft_cachedir_key(d, s), k);
+	if (ev)
+		cr_assert_eq(ft_cachedir_find(d, victim), FT_CACHEDIR_NONE, "victim still indexed");
+	return s;
+}
+
+Test(cachedir, rejects_bad_sizes)
+{
+	struct ft_cachedir *d = NULL;
+
+	cr_assert_eq(ft_cachedir_create(0, &d), -EINVAL);
+	cr_assert_eq(ft_cachedir_create(1u << 31, &d), -EINVAL);
+}
+
+Test(cachedir, key_packing)
+{
+	ft_cache_key k = FT_CACHE_KEY(7, 123456789ull);
+
+	cr_assert_eq(FT_CACHE_KEY_VOLUME(k), 7);
+	cr_assert_eq(FT_CACHE_KEY_BLOCK(k), 123456789ull);
+	cr_assert_neq(FT_CACHE_KEY(1, 5), FT_CACHE_KEY(2, 5));
+}
+
+Test(cachedir, fills_every_slot_before_evicting)
+{
+	struct ft_cachedir *d = mk(100);
+	bool seen[100] = { false };
+
+	for (uint32_t i = 0; i < 100; i++) {
+		bool ev = true;
+		ft_cache_key v;
+		uint32_t s = ft_cachedir_insert(d, FT_CACHE_KEY(1, i), &ev, &v);
+
+		cr_assert_lt(s, 100);
+		cr_assert_not(ev, "evicted before the cache was full");
+		cr_assert_not(seen[s], "slot %u handed out twice", s);
+		seen[s] = true;
+	}
+	cr_assert_eq(ft_cachedir_used(d), 100);
+	for (uint32_t i = 100; i < 400; i++) {
+		bool ev = false;
+		ft_cache_key v = 0;
+		uint32_t s = ft_cachedir_insert(d, FT_CACHE_KEY(1, i), &ev, &v);
+
+		cr_assert(ev, "full cache must evict");
+		cr_assert_lt(s, 100);
+		cr_assert_eq(ft_cachedir_find(d, v), FT_CACHEDIR_NONE);
+		cr_assert_eq(ft_cachedir_used(d), 100);
+	}
+	ft_cachedir_destroy(d);
+}
+
+Test(cachedir, find_does_not_count_lookup_does)
+{
+	/* A block looked up while in the small FIFO survives its eviction; a block only found does not. */
+	struct ft_cachedir *d = mk(100);
+
+	put(d, FT_CACHE_KEY(1, 0));
+	put(d, FT_CACHE_KEY(1, 1));
+	cr_assert_neq(ft_cachedir_lookup(d, FT_CACHE_KEY(1, 0)), FT_CACHEDIR_NONE);
+	cr_assert_neq(ft_cachedir_find(d, FT_CACHE_KEY(1, 1)), FT_CACHEDIR_NONE);
+	for (uint32_t i = 2; i < 150; i++)
+		put(d, FT_CACHE_KEY(1, i));
+	cr_assert_neq(ft_cachedir_find(d, FT_CACHE_KEY(1, 0)), FT_CACHEDIR_NONE,
+		      "re-read block was evicted by one-time blocks");
+	cr_assert_eq(ft_cachedir_find(d, FT_CACHE_KEY(1, 1)), FT_CACHEDIR_NONE,
+		     "unread block outlived 148 newer one-time blocks");
+	ft_cachedir_destroy(d);
+}
+
+Test(cachedir, scan_does_not_flush_the_working_set)
+{
+	const uint32_t n = 1000, hot = 500;
+	struct ft_cachedir *d = mk(n);
+	uint32_t kept = 0;
+
+	/* A working set read several times... */
+	for (int round = 0; round < 4; round++)
+		for (uint32_t i = 0; i < hot; i++)
+			if (ft_cachedir_lookup(d, FT_CACHE_KEY(1, i)) == FT_CACHEDIR_NONE)
+				put(d, FT_CACHE_KEY(1, i));
+	/* ...then a one-time scan ten times the cache's size. */
+	for (uint32_t i = 0; i < 10 * n; i++)
+		put(d, FT_CACHE_KEY(2, i));
+	for (uint32_t i = 0; i < hot; i++)
+		kept += ft_cachedir_find(d, FT_CACHE_KEY(1, i)) != FT_CACHEDIR_NONE;
+	/* LRU or FIFO would keep none of them. */
+	cr_assert_geq(kept, hot * 9 / 10, "only %u of %u hot blocks survived the scan", kept, hot);
+	ft_cachedir_destroy(d);
+}
+
+Test(cachedir, ghost_sends_returning_blocks_to_main)
+{
+	const uint32_t n = 1000;
+	struct ft_cachedir *d = mk(n);
+	uint32_t kept = 0;
+
+	/* 50 blocks enter once and are evicted from the small FIFO as one-time blocks... */
+	for (uint32_t i = 0; i < 50; i++)
+		put(d, FT_CACHE_KEY(1, i));
+	for (uint32_t i = 0; i < n + 200; i++)
+		put(d, FT_CACHE_KEY(2, i));
+	for (uint32_t i = 0; i < 50; i++)
+		cr_assert_eq(ft_cachedir_find(d, FT_CACHE_KEY(1, i)), FT_CACHEDIR_NONE);
+	/* ...come back while their ghosts are remembered: they go to the main FIFO... */
+	for (uint32_t i = 0; i < 50; i++)
+		put(d, FT_CACHE_KEY(1, i));
+	/* ...so a further one-time stream, longer than the small FIFO, does not flush them. */
+	for (uint32_t i = 0; i < n / 2; i++)
+		put(d, FT_CACHE_KEY(3, i));
+	for (uint32_t i = 0; i < 50; i++)
+		kept += ft_cachedir_find(d, FT_CACHE_KEY(1, i)) != FT_CACHEDIR_NONE;
+	cr_assert_geq(kept, 45, "only %u of 50 returning blocks were kept", kept);
+	ft_cachedir_destroy(d);
+}
+
+Test(cachedir, pinned_blocks_are_never_evicted)
+{
+	const uint32_t n = 64;
+	struct ft_cachedir *d = mk(n);
+	uint32_t slots[64];
+	bool ev;
+	ft_cache_key v;
+
+	for (uint32_t i = 0; i < n; i++)
+		slots[i] = put(d, FT_CACHE_KEY(1, i));
+	for (uint32_t i = 0; i < n - 1; i++)
+		ft_cachedir_pin(d, slots[i], true);
+	/* Only one slot can turn over. */
+	for (uint32_t i = 0; i < 500; i++)
+		put(d, FT_CACHE_KEY(2, i));
+	for (uint32_t i = 0; i < n - 1; i++)
+		cr_assert_eq(ft_cachedir_find(d, FT_CACHE_KEY(1, i)), slots[i], "pinned block %u lost",
+			     i);
+	/* Everything pinned: nothing can be inserted. */
+	ft_cachedir_pin(d, ft_cachedir_find(d, FT_CACHE_KEY(2, 499)), true);
+	cr_assert_eq(ft_cachedir_insert(d, FT_CACHE_KEY(3, 0), &ev, &v), FT_CACHEDIR_NONE);
+	/* Unpinned again, it turns over. */
+	ft_cachedir_pin(d, slots[0], false);
+	cr_assert_neq(ft_cachedir_insert(d, FT_CACHE_KEY(3, 0), &ev, &v), FT_CACHEDIR_NONE);
+	cr_assert(ev);
+	cr_assert_eq(v, FT_CACHE_KEY(1, 0));
+	ft_cachedir_destroy(d);
+}
+
+Test(cachedir, remove_frees_the_slot)
+{
+	struct ft_cachedir *d = mk(10);
+	bool ev;
+	ft_cache_key v;
+
+	for (uint32_t i = 0; i < 10; i++)
+		put(d, FT_CACHE_KEY(1, i));
+	ft_cachedir_remove(d, FT_CACHE_KEY(1, 3));
+	ft_cachedir_remove(d, FT_CACHE_KEY(1, 3)); /* absent: no-op */
+	cr_assert_eq(ft_cachedir_find(d, FT_CACHE_KEY(1, 3)), FT_CACHEDIR_NONE);
+	cr_assert_eq(ft_cachedir_used(d), 9);
+	/* Re-inserting the removed key works and the directory stays consistent. */
+	put(d, FT_CACHE_KEY(1, 3));
+	cr_assert_eq(ft_cachedir_used(d), 10);
+	cr_assert_neq(ft_cachedir_insert(d, FT_CACHE_KEY(1, 100), &ev, &v), FT_CACHEDIR_NONE);
+	cr_assert_eq(ft_cachedir_used(d), 10);
+	ft_cachedir_destroy(d);
+}
+
+/* Random operations against a reference model: one slot per key, one key per slot. */
+Test(cachedir, random_operations_match_a_model)
+{
+	const uint32_t n = 257, universe = 2000;
+	struct ft_cachedir *d = mk(n);
+	uint32_t *slot_of = malloc(universe * sizeof(*slot_of));
+	int64_t owner[257];
+	uint32_t present = 0;
+
+	cr_assert_not_null(slot_of);
+	for (uint32_t k = 0; k < universe; k++)
+		slot_of[k] = FT_CACHEDIR_NONE;
+	for (uint32_t s = 0; s < n; s++)
+		owner[s] = -1;
+	for (int step = 0; step < 200000; step++) {
+		uint32_t k = (uint32_t)(rnd() % universe);
+		unsigned op = (unsigned)(rnd() % 10);
+		ft_cache_key key = FT_CACHE_KEY(k % 3, k);
+
+		if (op < 6) { /* read: hit or fill */
+			uint32_t s = ft_cachedir_lookup(d, key);
+
+			cr_assert_eq(s, slot_of[k], "step %d: key %u at %u, model %u", step, k, s,
+				     slot_of[k]);
+			if (s == FT_CACHEDIR_NONE) {
+				bool ev = false;
+				ft_cache_key v = 0;
+
+				s = ft_cachedir_insert(d, key, &ev, &v);
+				cr_assert_lt(s, n);
+				if (ev) {
+					uint32_t vk = (uint32_t)FT_CACHE_KEY_BLOCK(v);
+
+					cr_assert_eq(slot_of[vk], s, "victim was not in the slot reused");
+					slot_of[vk] = FT_CACHEDIR_NONE;
+					present--;
+				} else {
+					cr_assert_eq(owner[s], -1, "slot %u reused without eviction", s);
+				}
+				owner[s] = k;
+				slot_of[k] = s;
+				present++;
+			}
+		} else if (op < 8) { /* invalidate */
+			ft_cachedir_remove(d, key);
+			if (slot_of[k] != FT_CACHEDIR_NONE) {
+				owner[slot_of[k]] = -1;
+				slot_of[k] = FT_CACHEDIR_NONE;
+				present--;
+			}
+		} else { /* pin or unpin something present */
+			uint32_t s = ft_cachedir_find(d, key);
+
+			if (s != FT_CACHEDIR_NONE)
+				ft_cachedir_pin(d, s, false);
+		}
+		cr_assert_eq(ft_cachedir_used(d), present);
+	}
+	free(slot_of);
+	ft_cachedir_destroy(d);
+}
+
+Test(cachedir, memory_per_block)
+{
+	/* The cache engine adds a 4-byte checksum per block; the budget is 32 bytes. */
+	const uint32_t n = 1u << 20;
+	struct ft_cachedir *d = mk(n);
+	double per = (double)ft_cachedir_memory(d) / n;
+
+	cr_log_info("cache directory: %.2f bytes per 4 KiB block at %u blocks", per, n);
+	cr_assert_leq(per, 28.0, "%.2f bytes per block", per);
+	ft_cachedir_destroy(d);
+}
+
+Test(admission, sequential_stream_bypasses_after_cutoff)
+{
+	struct ft_seqdetect sd;
+	uint64_t admitted = 0;
+
+	ft_seqdetect_init(&sd, 1u << 20);
+	for (uint64_t off = 0; off < (8u << 20); off += 65536)
+		admitted += ft_seqdetect_admit(&sd, off, 65536) ? 65536 : 0;
+	cr_assert_eq(admitted, 1u << 20, "admitted %llu bytes of a sequential 8 MiB stream",
+		     (unsigned long long)admitted);
+}
+
+Test(admission, random_access_is_admitted)
+{
+	struct ft_seqdetect sd;
+
+	ft_seqdetect_init(&sd, 1u << 20);
+	for (int i = 0; i < 10000; i++)
+		cr_assert(ft_seqdetect_admit(&sd, (rnd() % (1u << 20)) * 4096, 4096));
+}
+
+Test(admission, interleaved_streams_are_each_followed)
+{
+	struct ft_seqdetect sd;
+	unsigned bypassed[FT_SEQ_STREAMS] = { 0 };
+
+	ft_seqdetect_init(&sd, 1u << 20);
+	/* FT_SEQ_STREAMS streams, interleaved, 4 MiB each. */
+	for (uint64_t off = 0; off < (4u << 20); off += 4096)
+		for (unsigned s = 0; s < FT_SEQ_STREAMS; s++)
+			bypassed[s] += !ft_seqdetect_admit(&sd, ((uint64_t)s << 32) + off, 4096);
+	for (unsigned s = 0; s < FT_SEQ_STREAMS; s++)
+		cr_assert_eq(bypassed[s], (3u << 20) / 4096, "stream %u: %u blocks bypassed", s,
+			     bypassed[s]);
+}
+
+Test(admission, cutoff_zero_disables)
+{
+	struct ft_seqdetect sd;
+
+	ft_seqdetect_init(&sd, 0);
+	for (uint64_t off = 0; off < (64u << 20); off += 1u << 20)
+		cr_assert(ft_seqdetect_admit(&sd, off, 1u << 20));
+}
+
+Test(admission, oversized_single_request_bypasses)
+{
+	struct ft_seqdetect sd;
+
+	ft_seqdetect_init(&sd, 1u << 20);
+	cr_assert_not(ft_seqdetect_admit(&sd, 0, 4u << 20));
+	cr_assert(ft_seqdetect_admit(&sd, 1u << 30, 4096));
+}
