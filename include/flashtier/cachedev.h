@@ -1,0 +1,117 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The cache device's on-disk format: superblock and geometry.
+ *
+ *   offset 0        superblock copy A (4 KiB)
+ *   offset 4 KiB    superblock copy B (4 KiB)
+ *   meta_offset     per-slot mapping records (FT_CACHE_META_BYTES each)
+ *   data_offset     slot 0, slot 1, ... (4 KiB each), 1 MiB aligned
+ *
+ * The superblock carries magic, version, uuid, geometry, a sequence number
+ * and a CRC32C; both copies are written on every update (A, flush, B), so a
+ * torn write damages at most one and the other, valid one is used (the
+ * newest by sequence number when both are valid).
+ *
+ * Opening never overwrites anything that is not blank or ours unless asked:
+ * a foreign or newer-format device, or one whose superblocks are both
+ * corrupt, is refused with a message saying why and how to reformat.
+ *
+ * Threads: open/format/close run on the main thread at start-up (blocking
+ * I/O); the geometry is immutable afterwards.
+ */
+#ifndef FLASHTIER_CACHEDEV_H
+#define FLASHTIER_CACHEDEV_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define FT_CACHE_MAGIC      "FTIERCD\x01"
+#define FT_CACHE_VERSION    1u
+#define FT_CACHE_BLOCK      4096u
+#define FT_CACHE_SB_BYTES   4096u
+#define FT_CACHE_META_BYTES 16u
+#define FT_CACHE_DATA_ALIGN (1u << 20)
+/* Smallest useful device: the superblocks, metadata and 16 data blocks. */
+#define FT_CACHE_MIN_BYTES  (2u * FT_CACHE_DATA_ALIGN)
+
+/* Superblock as stored: little-endian fields, CRC32C over all bytes before crc. */
+struct ft_cache_sb {
+	char magic[8];
+	uint32_t version;
+	uint32_t sb_bytes;
+	uint8_t uuid[16];
+	uint64_t seq;
+	uint64_t device_bytes;
+	uint32_t block_bytes;
+	uint32_t meta_record_bytes;
+	uint64_t meta_offset;
+	uint64_t meta_bytes;
+	uint64_t data_offset;
+	uint64_t nslots;
+	uint32_t flags;
+	uint8_t reserved[FT_CACHE_SB_BYTES - 96];
+	uint32_t crc;
+} __attribute__((packed));
+_Static_assert(sizeof(struct ft_cache_sb) == FT_CACHE_SB_BYTES, "superblock is one 4 KiB block");
+
+/* superblock flags */
+#define FT_CACHE_SB_CLEAN (1u << 0) /* last shutdown was clean */
+
+struct ft_cache_geometry {
+	uint64_t device_bytes;
+	uint64_t meta_offset, meta_bytes;
+	uint64_t data_offset;
+	uint64_t nslots;
+};
+
+/*
+ * Lay out a device of @device_bytes. Returns 0, or -ENOSPC if it is smaller
+ * than FT_CACHE_MIN_BYTES.
+ */
+int ft_cache_geometry(uint64_t device_bytes, struct ft_cache_geometry *g);
+
+/* Fill @sb (encoding little-endian fields and the CRC). */
+void ft_cache_sb_encode(struct ft_cache_sb *sb, const struct ft_cache_geometry *g,
+			const uint8_t uuid[16], uint64_t seq, uint32_t flags);
+
+enum ft_cache_sb_state {
+	FT_SB_VALID,   /* ours, this version, CRC good */
+	FT_SB_BLANK,   /* all zeroes: never written */
+	FT_SB_FOREIGN, /* not our magic, not blank */
+	FT_SB_NEWER,   /* our magic, a version this build does not know */
+	FT_SB_CORRUPT, /* our magic, bad CRC or impossible geometry */
+};
+
+/* Classify one copy; on FT_SB_VALID fill @g, @uuid, @seq and @flags (any may be NULL). */
+enum ft_cache_sb_state ft_cache_sb_decode(const struct ft_cache_sb *sb, struct ft_cache_geometry *g,
+					  uint8_t uuid[16], uint64_t *seq, uint32_t *flags);
+
+struct ft_cachedev {
+	int fd;
+	char *path;
+	struct ft_cache_geometry geo;
+	uint8_t uuid[16];
+	uint64_t seq;
+	uint32_t flags;      /* as found at open */
+	bool formatted_now;  /* a new cache (nothing to reattach) */
+	bool repaired_copy;  /* one superblock copy was bad and has been rewritten */
+};
+
+/*
+ * Open (creating a regular file of @size bytes if missing; @size 0 = use
+ * the existing file's or device's size), then attach to an existing cache
+ * or format a blank device. @reformat: overwrite whatever is there.
+ * Returns 0 and *@out, or a negative errno with a one-line reason in @err:
+ * -EEXIST foreign data, -EPROTONOSUPPORT newer format, -EBADMSG both
+ * superblocks corrupt, -ENOSPC too small, or the I/O error.
+ */
+int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_cachedev **out,
+		     char *err, size_t err_len);
+
+/* Write both superblock copies with @flags and seq + 1 (A, fdatasync, B, fdatasync). */
+int ft_cachedev_write_sb(struct ft_cachedev *dev, uint32_t flags);
+
+void ft_cachedev_close(struct ft_cachedev *dev);
+
+#endif
