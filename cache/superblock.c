@@ -354,3 +354,41 @@ void ft_cachedev_close(struct ft_cachedev *dev)
 	free(dev->path);
 	free(dev);
 }
+
+/* ---- mapping records ---- */
+
+static uint32_t rec_crc(const uint8_t uuid[16], uint64_t slot, uint64_t key_le, uint32_t crc_le)
+{
+	uint64_t slot_le = htole64(slot);
+	uint32_t c = ft_crc32c(0, uuid, 16);
+
+	c = ft_crc32c(c, &slot_le, sizeof(slot_le));
+	c = ft_crc32c(c, &key_le, sizeof(key_le));
+	return ft_crc32c(c, &crc_le, sizeof(crc_le));
+}
+
+void ft_cache_rec_encode(struct ft_cache_rec *rec, const uint8_t uuid[16], uint64_t slot,
+			 uint64_t key, uint32_t data_crc)
+{
+	rec->key = htole64(key);
+	rec->data_crc = htole32(data_crc);
+	rec->rec_crc = htole32(rec_crc(uuid, slot, rec->key, rec->data_crc));
+}
+
+void ft_cache_rec_clear(struct ft_cache_rec *rec)
+{
+	memset(rec, 0, sizeof(*rec));
+}
+
+enum ft_cache_rec_state ft_cache_rec_decode(const struct ft_cache_rec *rec, const uint8_t uuid[16],
+					    uint64_t slot, uint64_t *key, uint32_t *data_crc)
+{
+	if (all_zero(rec, sizeof(*rec)))
+		return FT_REC_EMPTY;
+	if (le32toh(rec->rec_crc) != rec_crc(uuid, slot, rec->key, rec->data_crc) ||
+	    (le64toh(rec->key) >> 48) == 0)
+		return FT_REC_CORRUPT;
+	*key = le64toh(rec->key);
+	*data_crc = le32toh(rec->data_crc);
+	return FT_REC_VALID;
+}

@@ -114,4 +114,45 @@ int ft_cachedev_write_sb(struct ft_cachedev *dev, uint32_t flags);
 
 void ft_cachedev_close(struct ft_cachedev *dev);
 
+/*
+ * Mapping records: one per slot, at meta_offset + slot * 16, saying which
+ * block the slot holds and the CRC32C of its 4 KiB. A record's own CRC is
+ * seeded with the device uuid and covers the slot number, so a record from
+ * an earlier format, or one written to the wrong place, is never valid. An
+ * all-zero record is an empty slot (volume ids start at 1, so no valid key
+ * is 0).
+ *
+ * How the engine keeps records and data honest across a crash (the rules the
+ * read cache follows):
+ *  - fill: write the data, then the record; no flush. A lost or torn data
+ *    write fails the data CRC on the next hit, which is then a miss.
+ *  - a WRITE, TRIM or WRITE_ZEROES to a cached block: the block's record is
+ *    overwritten with an empty one and made durable (group-committed: one
+ *    device flush covers every invalidation waiting for it) BEFORE the
+ *    request is sent to the backing store. So no crash can leave the
+ *    backing store newer than a record that still vouches for old data.
+ *    Write-through then writes the new data and record without a flush.
+ *  - every hit checks the data CRC; a mismatch is a miss, counted.
+ * After kill -9 or a power cut, a restart reads every record and rebuilds
+ * the directory from the valid ones: the cache comes back warm.
+ */
+struct ft_cache_rec {
+	uint64_t key;
+	uint32_t data_crc;
+	uint32_t rec_crc;
+} __attribute__((packed));
+_Static_assert(sizeof(struct ft_cache_rec) == FT_CACHE_META_BYTES, "mapping record size");
+
+enum ft_cache_rec_state {
+	FT_REC_VALID,
+	FT_REC_EMPTY,
+	FT_REC_CORRUPT,
+};
+
+void ft_cache_rec_encode(struct ft_cache_rec *rec, const uint8_t uuid[16], uint64_t slot,
+			 uint64_t key, uint32_t data_crc);
+void ft_cache_rec_clear(struct ft_cache_rec *rec);
+enum ft_cache_rec_state ft_cache_rec_decode(const struct ft_cache_rec *rec, const uint8_t uuid[16],
+					    uint64_t slot, uint64_t *key, uint32_t *data_crc);
+
 #endif

@@ -268,3 +268,31 @@ Test(cachedev, reformat_clears_old_mappings)
 		cr_assert_eq(meta[i], 0, "stale mapping byte at %zu", i);
 	ft_cachedev_close(dev);
 }
+
+Test(cacherec, roundtrip_and_binding)
+{
+	static const uint8_t uuid[16] = { 9, 8, 7 }, other[16] = { 1 };
+	struct ft_cache_rec rec, bad;
+	uint64_t key = 0;
+	uint32_t crc = 0;
+
+	ft_cache_rec_encode(&rec, uuid, 1234, (3ull << 48) | 77, 0xdeadbeef);
+	cr_assert_eq(ft_cache_rec_decode(&rec, uuid, 1234, &key, &crc), FT_REC_VALID);
+	cr_assert_eq(key, (3ull << 48) | 77);
+	cr_assert_eq(crc, 0xdeadbeef);
+	/* Bound to its slot and to this cache's uuid. */
+	cr_assert_eq(ft_cache_rec_decode(&rec, uuid, 1235, &key, &crc), FT_REC_CORRUPT);
+	cr_assert_eq(ft_cache_rec_decode(&rec, other, 1234, &key, &crc), FT_REC_CORRUPT);
+	/* Any flipped bit is caught. */
+	for (unsigned bit = 0; bit < 8 * sizeof(rec); bit++) {
+		bad = rec;
+		((uint8_t *)&bad)[bit / 8] ^= (uint8_t)(1u << (bit % 8));
+		cr_assert_neq(ft_cache_rec_decode(&bad, uuid, 1234, &key, &crc), FT_REC_VALID,
+			      "bit %u flip not detected", bit);
+	}
+	ft_cache_rec_clear(&rec);
+	cr_assert_eq(ft_cache_rec_decode(&rec, uuid, 1234, &key, &crc), FT_REC_EMPTY);
+	/* Volume id 0 is never a valid key. */
+	ft_cache_rec_encode(&rec, uuid, 5, 77, 1);
+	cr_assert_eq(ft_cache_rec_decode(&rec, uuid, 5, &key, &crc), FT_REC_CORRUPT);
+}
