@@ -44,7 +44,7 @@ INTEG_SRCS := $(wildcard tests/integration/*.c)
 INTEG_BINS := $(INTEG_SRCS:tests/integration/%.c=$(BUILD)/tests/integration/%)
 TEST_LIBS := -lcriterion
 
-.PHONY: all run check check-unit check-integration bench install uninstall clean format deps
+.PHONY: all run check check-unit check-integration bench cachesim install uninstall clean format deps
 
 all: $(AGENT)
 
@@ -79,6 +79,14 @@ check: $(AGENT) $(UNIT_BINS) $(INTEG_BINS)
 
 bench: $(AGENT)
 	AGENT=$(abspath $(AGENT)) tests/bench/nbd-passthrough.sh
+
+# Replacement-policy simulator: links the agent's own cache directory.
+CACHESIM_SRCS := $(wildcard tests/bench/cachesim/*.c)
+$(BUILD)/cachesim: $(CACHESIM_SRCS) $(wildcard tests/bench/cachesim/*.h) $(LIB)
+	$(CC) $(filter-out -MMD -MP,$(CFLAGS)) $(LDFLAGS) -o $@ $(CACHESIM_SRCS) $(LIB) $(LDLIBS) -lm
+
+cachesim: $(BUILD)/cachesim
+	./$(BUILD)/cachesim
 
 install: $(AGENT)
 	install -D -m 0755 $(AGENT) $(DESTDIR)$(SBINDIR)/flashtierd
