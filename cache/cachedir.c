@@ -56,12 +56,12 @@ struct ft_cachedir {
 	uint32_t *qnext;
 	uint8_t *state;
 	uint32_t *bucket;
-	uint32_t bucket_mask;
+	uint32_t nbuckets;
 	struct fifo small, main;
 	uint32_t free_head;
 
 	uint32_t *ghost;
-	uint32_t ghost_mask;
+	uint32_t nghost;
 	uint32_t ghost_cap;   /* remembered evictions (= the main FIFO's size) */
 	uint32_t ghost_window; /* epochs a ghost stays live */
 	uint32_t epoch_len;   /* evictions per epoch */
@@ -80,13 +80,10 @@ static uint64_t mix64(uint64_t x)
 	return x;
 }
 
-static uint32_t pow2_at_least(uint64_t n)
+/* Map a 32-bit hash onto [0, n) without a division (Lemire's multiply-shift). */
+static uint32_t range(uint32_t h, uint32_t n)
 {
-	uint32_t p = 1;
-
-	while (p < n && p < (1u << 31))
-		p <<= 1;
-	return p;
+	return (uint32_t)(((uint64_t)h * n) >> 32);
 }
 
 static unsigned freq(const struct ft_cachedir *d, uint32_t s)
@@ -129,7 +126,7 @@ static uint32_t fifo_pop(struct ft_cachedir *d, struct fifo *q)
 
 static uint32_t bucket_of(const struct ft_cachedir *d, ft_cache_key k)
 {
-	return (uint32_t)mix64(k) & d->bucket_mask;
+	return range((uint32_t)mix64(k), d->nbuckets);
 }
 
 static void hash_add(struct ft_cachedir *d, uint32_t s)
@@ -172,7 +169,7 @@ static uint32_t ghost_fp(ft_cache_key k)
 
 static uint32_t ghost_home(const struct ft_cachedir *d, ft_cache_key k)
 {
-	return (uint32_t)(mix64(k) >> 20) & d->ghost_mask;
+	return range((uint32_t)(mix64(k) >> 16), d->nghost);
 }
 
 static bool ghost_live(const struct ft_cachedir *d, uint32_t cell)
@@ -188,7 +185,7 @@ static void ghost_add(struct ft_cachedir *d, ft_cache_key k)
 	uint16_t oldest_age = 0;
 
 	for (unsigned i = 0; i < GHOST_PROBES; i++) {
-		uint32_t c = (home + i) & d->ghost_mask;
+		uint32_t c = home + i < d->nghost ? home + i : home + i - d->nghost;
 		uint16_t age;
 
 		if (!ghost_live(d, d->ghost[c])) {
@@ -214,7 +211,7 @@ static bool ghost_take(struct ft_cachedir *d, ft_cache_key k)
 	uint32_t home = ghost_home(d, k), fp = ghost_fp(k);
 
 	for (unsigned i = 0; i < GHOST_PROBES; i++) {
-		uint32_t c = (home + i) & d->ghost_mask;
+		uint32_t c = home + i < d->nghost ? home + i : home + i - d->nghost;
 
 		if ((d->ghost[c] >> 16) == fp && ghost_live(d, d->ghost[c])) {
 			d->ghost[c] = 0;
@@ -222,6 +219,30 @@ static bool ghost_take(struct ft_cachedir *d, ft_cache_key k)
 		}
 	}
 	return false;
+}
+
+static bool ghost_has(const struct ft_cachedir *d, ft_cache_key k)
+{
+	uint32_t home = ghost_home(d, k), fp = ghost_fp(k);
+
+	for (unsigned i = 0; i < GHOST_PROBES; i++) {
+		uint32_t c = home + i < d->nghost ? home + i : home + i - d->nghost;
+
+		if ((d->ghost[c] >> 16) == fp && ghost_live(d, d->ghost[c]))
+			return true;
+	}
+	return false;
+}
+
+void ft_cachedir_note_bypass(struct ft_cachedir *d, ft_cache_key key)
+{
+	if (!ghost_has(d, key))
+		ghost_add(d, key);
+}
+
+bool ft_cachedir_returning(const struct ft_cachedir *d, ft_cache_key key)
+{
+	return ghost_has(d, key);
 }
 
 /* ---- eviction ---- */
@@ -393,8 +414,7 @@ size_t ft_cachedir_memory(const struct ft_cachedir *d)
 {
 	return sizeof(*d) + (size_t)d->nslots * (sizeof(*d->key) + sizeof(*d->hnext) +
 						  sizeof(*d->qnext) + sizeof(*d->state)) +
-	       ((size_t)d->bucket_mask + 1) * sizeof(*d->bucket) +
-	       ((size_t)d->ghost_mask + 1) * sizeof(*d->ghost);
+	       (size_t)d->nbuckets * sizeof(*d->bucket) + (size_t)d->nghost * sizeof(*d->ghost);
 }
 
 void ft_cachedir_destroy(struct ft_cachedir *d)
@@ -423,8 +443,9 @@ int ft_cachedir_create(uint32_t nslots, struct ft_cachedir **out)
 	d->nslots = nslots;
 	d->small_target = nslots / 10 ? nslots / 10 : 1;
 	d->ghost_cap = nslots - d->small_target ? nslots - d->small_target : 1;
-	nbuckets = pow2_at_least(nslots / 2 ? nslots / 2 : 1);
-	nghost = pow2_at_least((uint64_t)d->ghost_cap * 5 / 4 + 1);
+	/* Exact sizes (no power-of-two rounding): chains of 2 on average, ghosts at 80% load. */
+	nbuckets = nslots / 2 ? nslots / 2 : 1;
+	nghost = (uint32_t)((uint64_t)d->ghost_cap * 5 / 4 + GHOST_PROBES);
 	d->key = malloc((size_t)nslots * sizeof(*d->key));
 	d->hnext = malloc((size_t)nslots * sizeof(*d->hnext));
 	d->qnext = malloc((size_t)nslots * sizeof(*d->qnext));
@@ -435,8 +456,8 @@ int ft_cachedir_create(uint32_t nslots, struct ft_cachedir **out)
 		ft_cachedir_destroy(d);
 		return -ENOMEM;
 	}
-	d->bucket_mask = nbuckets - 1;
-	d->ghost_mask = nghost - 1;
+	d->nbuckets = nbuckets;
+	d->nghost = nghost;
 	memset(d->bucket, 0xff, (size_t)nbuckets * sizeof(*d->bucket));
 	/* A ghost lives for about ghost_cap evictions, counted in <= 16384 epochs. */
 	d->ghost_window = d->ghost_cap < GHOST_EPOCHS ? d->ghost_cap : GHOST_EPOCHS;

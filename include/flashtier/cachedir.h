@@ -15,8 +15,9 @@
  * so the caller maps a slot to a device offset directly.
  *
  * Memory: 17 bytes per slot (key, hash chain, queue link, state) + hash
- * buckets (pow2 >= nslots/2, 4 bytes) + ghost table (pow2 >= 1.25 x the main
- * FIFO's size, 4 bytes per fingerprint); ft_cachedir_memory() reports it.
+ * buckets (nslots/2, 4 bytes) + ghost table (1.25 x the main FIFO's size,
+ * 4 bytes per fingerprint): about 23.5 bytes per 4 KiB block at any size;
+ * ft_cachedir_memory() reports it.
  *
  * Threads: a directory belongs to one reactor; no function here locks.
  */
@@ -56,6 +57,16 @@ uint32_t ft_cachedir_find(const struct ft_cachedir *d, ft_cache_key key);
  */
 uint32_t ft_cachedir_insert(struct ft_cachedir *d, ft_cache_key key, bool *evicted,
 			    ft_cache_key *victim);
+
+/*
+ * A block the admission policy kept out (a long sequential stream): remember
+ * it like an evicted one, so that if it comes back while still remembered
+ * (a range re-read that fits in the cache) it is recognised as reused.
+ */
+void ft_cachedir_note_bypass(struct ft_cachedir *d, ft_cache_key key);
+
+/* Was @key evicted or bypassed recently (it has a live ghost)? Changes nothing. */
+bool ft_cachedir_returning(const struct ft_cachedir *d, ft_cache_key key);
 
 /* Forget @key (invalidation); its slot becomes free. No-op if absent. */
 void ft_cachedir_remove(struct ft_cachedir *d, ft_cache_key key);

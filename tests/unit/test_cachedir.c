@@ -279,6 +279,52 @@ Test(cachedir, memory_per_block)
 	ft_cachedir_destroy(d);
 }
 
+Test(cachedir, memory_per_block_at_awkward_sizes)
+{
+	/* No power-of-two rounding: just above a power of two costs no more. */
+	static const uint32_t sizes[] = { 1000, 32935, (1u << 17) + 1, 3000017 };
+
+	for (unsigned i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+		struct ft_cachedir *d = mk(sizes[i]);
+		double per = (double)ft_cachedir_memory(d) / sizes[i];
+
+		cr_assert_leq(per, 24.5, "%.2f bytes per block at %u blocks", per, sizes[i]);
+		ft_cachedir_destroy(d);
+	}
+}
+
+/* The agent's admission: sequential cutoff, except for blocks that come back while remembered. */
+static bool admit_like_agent(struct ft_cachedir *d, struct ft_seqdetect *sd, uint64_t block)
+{
+	ft_cache_key key = FT_CACHE_KEY(1, block);
+	bool admit = ft_seqdetect_admit(sd, block * 4096, 4096);
+
+	if (ft_cachedir_lookup(d, key) != FT_CACHEDIR_NONE)
+		return true;
+	if (!admit && !ft_cachedir_returning(d, key)) {
+		ft_cachedir_note_bypass(d, key);
+		return false;
+	}
+	put(d, key);
+	return false;
+}
+
+Test(cachedir, reread_sequential_range_that_fits_is_cached)
+{
+	const uint32_t n = 10000, range_blocks = 5000;
+	struct ft_cachedir *d = mk(n);
+	struct ft_seqdetect sd;
+	uint32_t hits = 0;
+
+	ft_seqdetect_init(&sd, FT_SEQ_DEFAULT_CUTOFF);
+	for (int pass = 0; pass < 3; pass++)
+		for (uint32_t b = 0; b < range_blocks; b++)
+			hits += admit_like_agent(d, &sd, b) && pass == 2;
+	/* Pass 1 bypasses past the cutoff, pass 2 admits the returning blocks, pass 3 hits. */
+	cr_assert_geq(hits, range_blocks * 9 / 10, "third pass: %u of %u hits", hits, range_blocks);
+	ft_cachedir_destroy(d);
+}
+
 Test(admission, sequential_stream_bypasses_after_cutoff)
 {
 	struct ft_seqdetect sd;
