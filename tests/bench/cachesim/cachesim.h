@@ -191,6 +191,9 @@ void zipf_init(struct zipf *z, uint64_t n, double s);
 uint64_t zipf_sample(const struct zipf *z, struct rng *r);
 
 /* Self-tests of the samplers and the hash map: print to stdout (and @also), return failures. */
-int trace_selftest(FILE *also);
+int trace_selftest(void);
+
+/* printf to stdout and, with --out, to the markdown file too. */
+void sim_print(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 #endif

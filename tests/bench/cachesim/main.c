@@ -78,7 +78,7 @@ static double now(void)
 }
 
 /* printf to stdout and, if --out was given, to the markdown file too */
-static void __attribute__((format(printf, 1, 2))) both(const char *fmt, ...)
+void sim_print(const char *fmt, ...)
 {
 	va_list ap;
 
@@ -233,7 +233,7 @@ static void selfcheck(const char *what, bool ok, const char *fmt, ...)
 	va_end(ap);
 	if (!ok)
 		selffails++;
-	both("selfcheck %s %s: %s\n", ok ? "PASS" : "FAIL", what, buf);
+	sim_print("selfcheck %s %s: %s\n", ok ? "PASS" : "FAIL", what, buf);
 }
 
 /*
@@ -261,7 +261,7 @@ static int check_trace(const struct trace *t, const struct job *res, int nres, i
 		    j->st.used != (ins < j->cap ? ins : j->cap) ||
 		    j->st.evicted != ins - j->st.used) {
 			ok = false;
-			both("selfcheck FAIL %s %s capacity %llu: %llu hits + %llu misses (%llu accesses); "
+			sim_print("selfcheck FAIL %s %s capacity %llu: %llu hits + %llu misses (%llu accesses); "
 			     "%llu bypassed, %llu resident, %llu evicted\n",
 			     t->name, j->ops->name, (unsigned long long)j->cap,
 			     (unsigned long long)j->hits, (unsigned long long)j->misses,
@@ -360,21 +360,21 @@ static void print_rows(const struct trace *t, const struct job *res, bool ws_onl
 
 static void print_table(const struct trace *t, const struct job *res)
 {
-	both("\n");
+	sim_print("\n");
 	mdonly("### %s\n\n", t->name);
-	both("%s: %s\n", t->name, t->desc);
+	sim_print("%s: %s\n", t->name, t->desc);
 	mdonly("\n");
-	both("%llu accesses, %llu distinct blocks; cache sizes relative to %llu blocks\n",
+	sim_print("%llu accesses, %llu distinct blocks; cache sizes relative to %llu blocks\n",
 	     (unsigned long long)t->n, (unsigned long long)t->distinct,
 	     (unsigned long long)t->base);
 	mdonly("\n");
 	print_rows(t, res, false);
-	both("(hit ratio %%; flashtier = directory + 1 MiB sequential cutoff; bypassed misses at "
+	sim_print("(hit ratio %%; flashtier = directory + 1 MiB sequential cutoff; bypassed misses at "
 	     "the largest size: %llu)\n",
 	     (unsigned long long)res[(t->nsizes - 1) * NPOL + POL_FT].st.bypassed);
 	mdonly("\n");
 	if (t->scan_trace && res[0].ws_n) {
-		both("the same runs, hit ratio on the %llu Zipf accesses only (scan accesses left out):\n",
+		sim_print("the same runs, hit ratio on the %llu Zipf accesses only (scan accesses left out):\n",
 		     (unsigned long long)res[0].ws_n);
 		mdonly("\n");
 		print_rows(t, res, true);
@@ -643,7 +643,7 @@ static int run_trace(const struct opts *o, struct trace *t, double gen_secs)
 	if (t->scan_trace) {
 		uint64_t big = cap_of(t, t->nsizes - 1);
 
-		both("each scan (%llu blocks) is %s the largest cache (%llu blocks)\n",
+		sim_print("each scan (%llu blocks) is %s the largest cache (%llu blocks)\n",
 		     (unsigned long long)t->scan_len,
 		     t->scan_len > big ? "larger than" : "NOT larger than",
 		     (unsigned long long)big);
@@ -694,10 +694,10 @@ int main(int argc, char **argv)
 	}
 
 	mdonly("# cachesim results\n\n```\n");
-	both("cachesim: %llu-block working set, %llu accesses per trace, seed %llu, %d threads\n",
+	sim_print("cachesim: %llu-block working set, %llu accesses per trace, seed %llu, %d threads\n",
 	     (unsigned long long)o.tp.blocks, (unsigned long long)o.tp.accesses,
 	     (unsigned long long)o.tp.seed, o.threads);
-	selffails += trace_selftest(md);
+	selffails += trace_selftest();
 	mdonly("```\n\n");
 	if (selftest_only)
 		return selffails ? 1 : 0;
@@ -721,19 +721,19 @@ int main(int argc, char **argv)
 		}
 	}
 
-	both("\n");
+	sim_print("\n");
 	mdonly("### acceptance criteria\n\n```\n");
 	for (int i = 0; i < ncrit; i++) {
-		both("%s\n", crit[i]);
+		sim_print("%s\n", crit[i]);
 		free(crit[i]);
 	}
 	free(crit);
 	mdonly("```\n\n");
 	if (mem_cap)
-		both("flashtier directory memory at the largest size: %zu bytes for %llu slots = "
+		sim_print("flashtier directory memory at the largest size: %zu bytes for %llu slots = "
 		     "%.2f bytes/slot\n",
 		     mem_bytes, (unsigned long long)mem_cap, (double)mem_bytes / (double)mem_cap);
-	both("criteria: %d failed; self-checks: %d failed; %.1f s\n", failures, selffails,
+	sim_print("criteria: %d failed; self-checks: %d failed; %.1f s\n", failures, selffails,
 	     now() - t0);
 	if (md)
 		fclose(md);

@@ -406,21 +406,6 @@ void trace_free(struct trace *t)
 
 /* ---- self-tests of the samplers and the hash map ---- */
 
-static FILE *st_also; /* the markdown file, if any */
-
-static void __attribute__((format(printf, 1, 2))) st_print(const char *fmt, ...)
-{
-	va_list ap;
-
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	if (st_also) {
-		va_start(ap, fmt);
-		vfprintf(st_also, fmt, ap);
-		va_end(ap);
-	}
-}
 
 /* Pearson chi-square of observed counts against probabilities, and its z-score. */
 static double chi2_z(const uint64_t *obs, const double *p, uint64_t k, uint64_t total)
@@ -454,7 +439,7 @@ static int selftest_zipf(double s)
 	for (uint64_t i = 0; i < k; i++)
 		p[i] /= hsum;
 	zs = chi2_z(obs, p, k, samples);
-	st_print("selftest: zipf s=%.1f n=%llu: P(1) %.5f (expect %.5f), chi-square z=%.2f: %s\n",
+	sim_print("selftest: zipf s=%.1f n=%llu: P(1) %.5f (expect %.5f), chi-square z=%.2f: %s\n",
 		 s, (unsigned long long)k, (double)obs[0] / (double)samples, p[0], zs,
 		 fabs(zs) < 6 ? "ok" : "FAIL");
 	return fabs(zs) < 6 ? 0 : 1;
@@ -481,14 +466,14 @@ static int selftest_alias(void)
 	alias_free(&a);
 	zs = chi2_z(obs, p, k, samples);
 	fail += fabs(zs) >= 6;
-	st_print("selftest: alias table, %llu Pareto weights: chi-square z=%.2f: %s\n",
+	sim_print("selftest: alias table, %llu Pareto weights: chi-square z=%.2f: %s\n",
 		 (unsigned long long)k, zs, fabs(zs) < 6 ? "ok" : "FAIL");
 	for (uint64_t i = 0; i < draws; i++)
 		tail += pareto_draw(&r, PARETO_SHAPE) > 10;
 	tailp = (double)tail / (double)draws;
 	/* binomial sd ~ 0.00024; allow 6 sd */
 	fail += fabs(tailp - want) > 0.0015;
-	st_print("selftest: Pareto(1, %.1f) P(X > 10) = %.4f (expect %.4f): %s\n", PARETO_SHAPE,
+	sim_print("selftest: Pareto(1, %.1f) P(X > 10) = %.4f (expect %.4f): %s\n", PARETO_SHAPE,
 		 tailp, want, fabs(tailp - want) <= 0.0015 ? "ok" : "FAIL");
 	return fail;
 }
@@ -533,16 +518,14 @@ static int selftest_hmap(void)
 	for (uint64_t k = 0; k < KEYS && !bad; k++)
 		bad |= hmap_get(&m, (k & 1) ? (uint32_t)k * 0x9e3779b1u : (uint32_t)k) != shadow[k];
 	hmap_free(&m);
-	st_print("selftest: hash map, 2M random put/del/get against a shadow array: %s\n",
+	sim_print("selftest: hash map, 2M random put/del/get against a shadow array: %s\n",
 		 bad ? "FAIL" : "ok");
 	return bad;
 }
 
-int trace_selftest(FILE *also)
+int trace_selftest(void)
 {
 	int fail = 0;
-
-	st_also = also;
 
 	fail += selftest_zipf(0.9);
 	fail += selftest_zipf(1.0);
