@@ -93,30 +93,19 @@ static void header(struct out *o, const char *name, const char *type, const char
 	put(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-typedef uint64_t (*op_field_fn)(const struct ft_op_stats *s);
-
-static uint64_t f_requests(const struct ft_op_stats *s)
-{
-	return ft_stat_get(&s->requests);
-}
-static uint64_t f_bytes(const struct ft_op_stats *s)
-{
-	return ft_stat_get(&s->bytes);
-}
-static uint64_t f_errors(const struct ft_op_stats *s)
-{
-	return ft_stat_get(&s->errors);
-}
-
+/* One counter per volume and operation: @field_offset locates it in struct ft_op_stats. */
 static void per_op_counter(struct out *o, const struct ft_metrics_volume *vols, size_t n,
-			   const char *name, const char *help, op_field_fn field)
+			   const char *name, const char *help, size_t field_offset)
 {
 	header(o, name, "counter", help);
 	for (size_t i = 0; i < n; i++)
 		for (unsigned op = 0; op < FT_OP_COUNT; op++) {
+			const uint64_t *p = (const uint64_t *)((const char *)&vols[i].stats->op[op] +
+							       field_offset);
+
 			put(o, "%s", name);
 			put_labels(o, &vols[i], op_names[op]);
-			put(o, "} %llu\n", (unsigned long long)field(&vols[i].stats->op[op]));
+			put(o, "} %llu\n", (unsigned long long)ft_stat_get(p));
 		}
 }
 
@@ -187,12 +176,14 @@ char *ft_metrics_render(const struct ft_metrics_volume *vols, size_t n,
 	}
 
 	per_op_counter(&o, vols, n, "flashtier_requests_total",
-		       "NBD requests completed, by operation (errors included).", f_requests);
+		       "NBD requests completed, by operation (errors included).",
+		       offsetof(struct ft_op_stats, requests));
 	per_op_counter(&o, vols, n, "flashtier_request_bytes_total",
 		       "Bytes read, written, trimmed, zeroed or cached by successful requests.",
-		       f_bytes);
+		       offsetof(struct ft_op_stats, bytes));
 	per_op_counter(&o, vols, n, "flashtier_request_errors_total",
-		       "NBD requests that completed with an error, by operation.", f_errors);
+		       "NBD requests that completed with an error, by operation.",
+		       offsetof(struct ft_op_stats, errors));
 	histograms(&o, vols, n);
 	per_volume(&o, vols, n, "flashtier_requests_in_flight", "gauge",
 		   "NBD requests received and not yet answered.",

@@ -193,6 +193,9 @@ uint64_t zipf_sample(const struct zipf *z, struct rng *r);
 /* Self-tests of the samplers and the hash map: print to stdout (and @also), return failures. */
 int trace_selftest(void);
 
+/* Distinct blocks among the first @n of @blk (0 if out of memory). */
+uint64_t trace_count_distinct(const uint32_t *blk, uint64_t n);
+
 /* printf to stdout and, with --out, to the markdown file too. */
 void sim_print(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -173,25 +173,6 @@ static double ratio(const struct job *j)
 	return 100.0 * (double)j->hits / (double)j->n;
 }
 
-static uint64_t distinct_prefix(const uint32_t *blk, uint64_t n)
-{
-	uint64_t max = 0, d = 0, *bits;
-
-	for (uint64_t i = 0; i < n; i++)
-		if (blk[i] > max)
-			max = blk[i];
-	bits = calloc(max / 64 + 1, sizeof(*bits));
-	if (!bits)
-		return 0;
-	for (uint64_t i = 0; i < n; i++) {
-		if (!(bits[blk[i] / 64] & (1ull << (blk[i] % 64))))
-			d++;
-		bits[blk[i] / 64] |= 1ull << (blk[i] % 64);
-	}
-	free(bits);
-	return d;
-}
-
 /* Hits of a brute-force LRU (array in recency order, linear search). */
 static uint64_t brute_lru_hits(const uint32_t *blk, uint64_t n, uint32_t cap)
 {
@@ -275,7 +256,7 @@ static int check_trace(const struct trace *t, const struct job *res, int nres, i
 		"resident == min(capacity, inserted)",
 		nres);
 
-	d = distinct_prefix(t->blk, np);
+	d = trace_count_distinct(t->blk, np);
 	memset(comp, 0, sizeof(comp));
 	for (int p = 0; p < NPOL; p++) {
 		comp[p].ops = policies[p];

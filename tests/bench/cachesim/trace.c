@@ -242,7 +242,7 @@ static void gen_zipf(uint32_t *out, uint64_t n, const struct zipf *z, const uint
 		out[i] = perm[zipf_sample(z, r) - 1];
 }
 
-static uint64_t count_distinct(const uint32_t *blk, uint64_t n)
+uint64_t trace_count_distinct(const uint32_t *blk, uint64_t n)
 {
 	uint64_t max = 0, d = 0;
 	uint64_t *bits;
@@ -388,7 +388,7 @@ int trace_generate(enum trace_kind kind, const struct trace_params *tp, struct t
 		err = -EINVAL;
 		goto out;
 	}
-	t->distinct = count_distinct(t->blk, n);
+	t->distinct = trace_count_distinct(t->blk, n);
 	t->base = t->distinct;
 	err = t->distinct ? 0 : -ENOMEM;
 out:
