@@ -178,11 +178,208 @@ static int check_backing_path(struct parse_ctx *p, const char *label, const char
 	return 0;
 }
 
+int ft_config_parse_size(const char *s, uint64_t *out)
+{
+	uint64_t v = 0;
+	unsigned shift = 0;
+	const char *p = s;
+
+	if (*p < '0' || *p > '9')
+		return -EINVAL;
+	for (; *p >= '0' && *p <= '9'; p++) {
+		if (v > (UINT64_MAX - 9) / 10)
+			return -EINVAL;
+		v = v * 10 + (uint64_t)(*p - '0');
+	}
+	switch (*p) {
+	case '\0':
+		break;
+	case 'k': case 'K':
+		shift = 10;
+		break;
+	case 'm': case 'M':
+		shift = 20;
+		break;
+	case 'g': case 'G':
+		shift = 30;
+		break;
+	case 't': case 'T':
+		shift = 40;
+		break;
+	default:
+		return -EINVAL;
+	}
+	if (shift) {
+		p++;
+		if (*p == 'i' && p[1] == 'B')
+			p += 2;
+		else if (*p == 'B')
+			p++;
+		if (*p != '\0')
+			return -EINVAL;
+		if (v > (UINT64_MAX >> shift))
+			return -EINVAL;
+		v <<= shift;
+	}
+	*out = v;
+	return 0;
+}
+
+/* A size member: a non-negative integer or a string ft_config_parse_size() takes. */
+static int get_size(struct parse_ctx *p, json_t *obj, const char *key, const char *label,
+		    bool *present, uint64_t *out)
+{
+	json_t *v = json_object_get(obj, key);
+
+	*present = v != NULL;
+	if (!v)
+		return 0;
+	if (json_is_integer(v) && json_integer_value(v) >= 0) {
+		*out = (uint64_t)json_integer_value(v);
+		return 0;
+	}
+	if (json_is_string(v) && ft_config_parse_size(json_string_value(v), out) == 0)
+		return 0;
+	return fail(p, label, "must be a byte count or a size like \"512M\" or \"8G\"");
+}
+
+static int get_bool(struct parse_ctx *p, json_t *obj, const char *key, const char *label,
+		    bool *out)
+{
+	json_t *v = json_object_get(obj, key);
+
+	if (!v)
+		return 0;
+	if (!json_is_boolean(v))
+		return fail(p, label, "must be true or false");
+	*out = json_is_true(v);
+	return 0;
+}
+
+static int parse_volume_cache(struct parse_ctx *p, const char *prefix, json_t *obj,
+			      bool have_cache, struct ft_volume_policy *pol)
+{
+	static const char *const allowed[] = { "mode", "sequential_cutoff", "quota", NULL };
+	char cprefix[NBD_MAX_STRING + 64], label[NBD_MAX_STRING + 96];
+	const char *s;
+	bool present;
+	int rc;
+
+	pol->mode = have_cache ? FT_CACHE_WRITE_THROUGH : FT_CACHE_NONE;
+	pol->sequential_cutoff = 1u << 20;
+	pol->quota_bytes = 0;
+	pol->quota_percent = 100;
+	if (!obj)
+		return 0;
+	snprintf(cprefix, sizeof(cprefix), "%scache", prefix);
+	if (!json_is_object(obj))
+		return fail(p, cprefix, "must be an object");
+	snprintf(cprefix, sizeof(cprefix), "%scache.", prefix);
+	rc = check_keys(p, obj, cprefix, allowed);
+	if (rc < 0)
+		return rc;
+
+	snprintf(label, sizeof(label), "%smode", cprefix);
+	rc = get_string(p, obj, "mode", label, false, &s);
+	if (rc < 0)
+		return rc;
+	if (s && ft_cache_mode_parse(s, &pol->mode) < 0)
+		return fail(p, label, "'%s' is not write-through, write-around or none", s);
+	if (pol->mode != FT_CACHE_NONE && !have_cache)
+		return fail(p, label, "'%s' needs a cache device (a top-level \"cache\" object)", s);
+
+	snprintf(label, sizeof(label), "%ssequential_cutoff", cprefix);
+	rc = get_size(p, obj, "sequential_cutoff", label, &present, &pol->sequential_cutoff);
+	if (rc < 0)
+		return rc;
+
+	snprintf(label, sizeof(label), "%squota", cprefix);
+	json_t *q = json_object_get(obj, "quota");
+	if (q && json_is_string(q) && strchr(json_string_value(q), '%')) {
+		char *end;
+		long pct;
+
+		s = json_string_value(q);
+		errno = 0;
+		pct = strtol(s, &end, 10);
+		if (errno || end == s || strcmp(end, "%") != 0 || pct < 1 || pct > 100)
+			return fail(p, label, "'%s' is not a percentage from 1%% to 100%%", s);
+		pol->quota_percent = (uint32_t)pct;
+	} else {
+		rc = get_size(p, obj, "quota", label, &present, &pol->quota_bytes);
+		if (rc < 0)
+			return fail(p, label, "must be a percentage like \"25%%\" or a size like \"2G\"");
+		if (present && pol->quota_bytes < FT_CACHE_MIN_QUOTA)
+			return fail(p, label, "must be at least 1M");
+	}
+	return 0;
+}
+
+static int parse_cache(struct parse_ctx *p, json_t *obj, struct ft_cache_config *cc,
+		       bool check_paths)
+{
+	static const char *const allowed[] = { "path", "size", "reformat", "error_threshold",
+					       NULL };
+	const char *path;
+	bool present;
+	json_t *v;
+	int rc;
+
+	if (!json_is_object(obj))
+		return fail(p, "cache", "must be an object with at least \"path\"");
+	rc = check_keys(p, obj, "cache.", allowed);
+	if (rc < 0)
+		return rc;
+	rc = get_string(p, obj, "path", "cache.path", true, &path);
+	if (rc < 0)
+		return rc;
+	if (*path == '\0')
+		return fail(p, "cache.path", "must not be empty");
+	rc = get_size(p, obj, "size", "cache.size", &present, &cc->size);
+	if (rc < 0)
+		return rc;
+	if (present && cc->size < FT_CACHE_MIN_DEVICE)
+		return fail(p, "cache.size", "must be at least 2M");
+	rc = get_bool(p, obj, "reformat", "cache.reformat", &cc->reformat);
+	if (rc < 0)
+		return rc;
+	cc->error_threshold = 16;
+	v = json_object_get(obj, "error_threshold");
+	if (v) {
+		if (!json_is_integer(v) || json_integer_value(v) < 1 ||
+		    json_integer_value(v) > 1000000)
+			return fail(p, "cache.error_threshold", "must be an integer from 1 to 1000000");
+		cc->error_threshold = (uint32_t)json_integer_value(v);
+	}
+	if (check_paths) {
+		struct stat st;
+
+		if (stat(path, &st) == 0) {
+			if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+				return fail(p, "cache.path", "'%s' is not a regular file or block device",
+					    path);
+			if (access(path, R_OK | W_OK) < 0)
+				return fail(p, "cache.path", "'%s' is not readable and writable: %s",
+					    path, strerror(errno));
+		} else if (errno == ENOENT) {
+			if (!present)
+				return fail(p, "cache.path",
+					    "'%s' does not exist; give \"size\" to create it", path);
+		} else {
+			return fail(p, "cache.path", "cannot use '%s': %s", path, strerror(errno));
+		}
+	}
+	cc->path = strdup(path);
+	if (!cc->path)
+		return fail(p, NULL, "out of memory");
+	return 0;
+}
+
 static int parse_volume(struct parse_ctx *p, const char *name, json_t *obj,
-			struct ft_volume_config *vol, bool check_paths)
+			struct ft_volume_config *vol, bool check_paths, bool have_cache)
 {
 	static const char *const allowed[] = { "backing", "readonly", "description", "domain",
-					       NULL };
+					       "cache", NULL };
 	char prefix[NBD_MAX_STRING + 32], label[NBD_MAX_STRING + 64];
 	const char *backing, *desc, *domain;
 	json_t *ro;
@@ -222,6 +419,10 @@ static int parse_volume(struct parse_ctx *p, const char *name, json_t *obj,
 	if (rc < 0)
 		return rc;
 
+	rc = parse_volume_cache(p, prefix, json_object_get(obj, "cache"), have_cache, &vol->policy);
+	if (rc < 0)
+		return rc;
+
 	snprintf(label, sizeof(label), "%sbacking", prefix);
 	if (strstr(backing, "://")) {
 		if (strncmp(backing, "nbd://", 6) != 0 && strncmp(backing, "nbd+unix://", 11) != 0)
@@ -251,7 +452,7 @@ static int parse_volume(struct parse_ctx *p, const char *name, json_t *obj,
 static int parse_root(struct parse_ctx *p, json_t *root, struct ft_config *cfg, bool check_paths)
 {
 	static const char *const allowed[] = { "listen", "metrics", "reactors", "log_level",
-					       "volumes", NULL };
+					       "cache", "volumes", NULL };
 	const char *s, *name;
 	json_t *v, *vols;
 	size_t i;
@@ -298,6 +499,14 @@ static int parse_root(struct parse_ctx *p, json_t *root, struct ft_config *cfg, 
 		cfg->has_log_level = true;
 	}
 
+	v = json_object_get(root, "cache");
+	if (v) {
+		rc = parse_cache(p, v, &cfg->cache, check_paths);
+		if (rc < 0)
+			return rc;
+		cfg->has_cache = true;
+	}
+
 	vols = json_object_get(root, "volumes");
 	if (!vols)
 		return fail(p, "volumes", "is required");
@@ -314,7 +523,7 @@ static int parse_root(struct parse_ctx *p, json_t *root, struct ft_config *cfg, 
 		if (strlen(name) > NBD_MAX_STRING)
 			return fail(p, "volumes", "export name longer than %u bytes",
 				    NBD_MAX_STRING);
-		rc = parse_volume(p, name, v, &cfg->volumes[i], check_paths);
+		rc = parse_volume(p, name, v, &cfg->volumes[i], check_paths, cfg->has_cache);
 		cfg->n_volumes = ++i; /* so ft_config_free() sees partial entries */
 		if (rc < 0)
 			return rc;
@@ -431,6 +640,7 @@ void ft_config_free(struct ft_config *cfg)
 		free(cfg->volumes[i].domain);
 	}
 	free(cfg->volumes);
+	free(cfg->cache.path);
 	ft_listen_addr_clear(&cfg->listen);
 	ft_listen_addr_clear(&cfg->metrics);
 	free(cfg->path);

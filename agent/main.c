@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "flashtier/cache.h"
 #include "flashtier/config.h"
 #include "flashtier/log.h"
 #include "flashtier/metrics.h"
@@ -114,6 +115,7 @@ int main(int argc, char **argv)
 	struct ft_reactor **reactors = NULL;
 	struct ft_nbd_server *server = NULL;
 	struct ft_metrics_http *http = NULL;
+	struct ft_cache *cache = NULL;
 	struct ft_server_stats srv_stats = { 0 };
 	enum ft_log_level level;
 	unsigned n_reactors = 0;
@@ -190,7 +192,10 @@ int main(int argc, char **argv)
 
 	ft_info("flashtierd %s starting with %s", FLASHTIER_VERSION, cfg->path);
 
-	/* 2. Backing stores. */
+	/* 2. The cache device, then the backing stores (each cached one behind the cache). */
+	n_reactors = cfg->reactors ? cfg->reactors : default_reactors();
+	if (cfg->has_cache && ft_cache_open(&cfg->cache, &cache) < 0)
+		goto out;
 	vols = calloc(cfg->n_volumes, sizeof(*vols));
 	mvols = calloc(cfg->n_volumes, sizeof(*mvols));
 	if (!vols || !mvols) {
@@ -200,6 +205,16 @@ int main(int argc, char **argv)
 	for (opened = 0; opened < cfg->n_volumes; opened++) {
 		if (ft_volume_open(&cfg->volumes[opened], &vols[opened]) < 0)
 			goto out;
+		if (cache && cfg->volumes[opened].policy.mode != FT_CACHE_NONE) {
+			struct ft_volume *v = vols[opened];
+
+			if (ft_cache_add_volume(cache, v->cfg, v->size, (unsigned)(opened % n_reactors),
+						&v->stats.cache, &v->backend) < 0) {
+				opened++;
+				goto out;
+			}
+			v->stats.cached = true;
+		}
 		mvols[opened] = (struct ft_metrics_volume){
 			.name = cfg->volumes[opened].name,
 			.domain = cfg->volumes[opened].domain,
@@ -208,8 +223,14 @@ int main(int argc, char **argv)
 		};
 	}
 
+	if (cache) {
+		if (ft_cache_start(cache, n_reactors) < 0)
+			goto out;
+		srv_stats.has_cache = true;
+		ft_cache_global_stats(cache, &srv_stats.cache);
+	}
+
 	/* 3. Reactors; each volume is owned by one of them. */
-	n_reactors = cfg->reactors ? cfg->reactors : default_reactors();
 	ft_reactor_on_stop = ft_nbd_server_drain;
 	rc = ft_reactors_start(n_reactors, &reactors);
 	if (rc < 0) {
@@ -219,8 +240,11 @@ int main(int argc, char **argv)
 	}
 	for (size_t i = 0; i < cfg->n_volumes; i++) {
 		ft_volume_attach(vols[i], reactors[i % n_reactors]);
-		ft_info("volume '%s': %llu bytes on reactor %zu, backing %s", cfg->volumes[i].name,
-			(unsigned long long)vols[i]->size, i % n_reactors, cfg->volumes[i].backing);
+		ft_info("volume '%s': %llu bytes on reactor %zu, backing %s, cache %s",
+			cfg->volumes[i].name, (unsigned long long)vols[i]->size, i % n_reactors,
+			cfg->volumes[i].backing,
+			vols[i]->stats.cached ? ft_cache_mode_name(cfg->volumes[i].policy.mode)
+					      : "none");
 	}
 
 	/* 4. Endpoints: metrics first, so they are up once the NBD socket answers. */
@@ -261,6 +285,7 @@ out:
 	ft_nbd_server_destroy(server);
 	for (size_t i = 0; i < opened; i++)
 		ft_volume_close(vols[i]);
+	ft_cache_close(cache);
 	free(vols);
 	free(mvols);
 	if (status == 0)

@@ -387,6 +387,52 @@ void ft_cachedir_remove(struct ft_cachedir *d, ft_cache_key key)
 	d->free_head = s;
 }
 
+void ft_cachedir_restore(struct ft_cachedir *d, uint32_t slot, ft_cache_key key)
+{
+	/* Restored blocks enter the main FIFO with no history; the free list is rebuilt later. */
+	d->key[slot] = key;
+	d->state[slot] = ST_USED | ST_QUEUED | ST_MAIN;
+	hash_add(d, slot);
+	d->used++;
+	fifo_push(d, &d->main, slot);
+}
+
+void ft_cachedir_restore_done(struct ft_cachedir *d)
+{
+	d->free_head = NONE;
+	for (uint32_t s = d->nslots; s-- > 0;) {
+		if (d->state[s] & ST_USED)
+			continue;
+		d->hnext[s] = d->free_head;
+		d->free_head = s;
+	}
+}
+
+uint32_t ft_cachedir_evict_volume(struct ft_cachedir *d, uint16_t vol, uint32_t *hand,
+				  ft_cache_key *victim)
+{
+	/* CLOCK over the slot array: each of the volume's blocks spends its counter first. */
+	for (uint64_t guard = 4ull * d->nslots; guard; guard--) {
+		uint32_t s = *hand;
+
+		*hand = s + 1 < d->nslots ? s + 1 : 0;
+		if ((d->state[s] & (ST_USED | ST_PINNED)) != ST_USED ||
+		    FT_CACHE_KEY_VOLUME(d->key[s]) != vol)
+			continue;
+		if (freq(d, s) > 0) {
+			set_freq(d, s, freq(d, s) - 1);
+			continue;
+		}
+		*victim = d->key[s];
+		ghost_add(d, d->key[s]);
+		release_slot(d, s);
+		d->hnext[s] = d->free_head;
+		d->free_head = s;
+		return s;
+	}
+	return NONE;
+}
+
 void ft_cachedir_pin(struct ft_cachedir *d, uint32_t slot, bool pinned)
 {
 	if (pinned)

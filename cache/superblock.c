@@ -73,6 +73,20 @@ void ft_cache_sb_encode(struct ft_cache_sb *sb, const struct ft_cache_geometry *
 	sb->crc = htole32(ft_crc32c(0, sb, offsetof(struct ft_cache_sb, crc)));
 }
 
+uint64_t ft_cache_volume_ident(const char *name, const char *backing, uint64_t size)
+{
+	uint64_t size_le = htole64(size);
+	uint32_t a = ft_crc32c(0, name, strlen(name) + 1);
+	uint32_t b = ft_crc32c(0x9e3779b9u, backing, strlen(backing) + 1);
+	uint64_t h;
+
+	a = ft_crc32c(a, &size_le, sizeof(size_le));
+	b = ft_crc32c(b, name, strlen(name) + 1);
+	b = ft_crc32c(b, &size_le, sizeof(size_le));
+	h = ((uint64_t)a << 32) | b;
+	return h ? h : 1;
+}
+
 static bool all_zero(const void *p, size_t n)
 {
 	const unsigned char *c = p;
@@ -97,8 +111,12 @@ enum ft_cache_sb_state ft_cache_sb_decode(const struct ft_cache_sb *sb, struct f
 		return FT_SB_CORRUPT;
 	if (le32toh(sb->version) != FT_CACHE_VERSION || le32toh(sb->sb_bytes) != FT_CACHE_SB_BYTES ||
 	    le32toh(sb->block_bytes) != FT_CACHE_BLOCK ||
-	    le32toh(sb->meta_record_bytes) != FT_CACHE_META_BYTES)
+	    le32toh(sb->meta_record_bytes) != FT_CACHE_META_BYTES ||
+	    le32toh(sb->nvolumes) > FT_CACHE_MAX_VOLUMES)
 		return FT_SB_CORRUPT;
+	for (uint32_t i = 0; i < le32toh(sb->nvolumes); i++)
+		if (le16toh(sb->volumes[i].id) == 0)
+			return FT_SB_CORRUPT;
 	got.device_bytes = le64toh(sb->device_bytes);
 	got.meta_offset = le64toh(sb->meta_offset);
 	got.meta_bytes = le64toh(sb->meta_bytes);
@@ -163,6 +181,12 @@ int ft_cachedev_write_sb(struct ft_cachedev *dev, uint32_t flags)
 	if (posix_memalign((void **)&sb, 4096, sizeof(*sb)) != 0)
 		return -ENOMEM;
 	ft_cache_sb_encode(sb, &dev->geo, dev->uuid, dev->seq + 1, flags);
+	sb->nvolumes = htole32(dev->nvolumes);
+	for (uint32_t i = 0; i < dev->nvolumes; i++) {
+		sb->volumes[i].ident = htole64(dev->volumes[i].ident);
+		sb->volumes[i].id = htole16(dev->volumes[i].id);
+	}
+	sb->crc = htole32(ft_crc32c(0, sb, offsetof(struct ft_cache_sb, crc)));
 	for (int copy = 0; copy < 2; copy++) {
 		rc = pwrite_all(dev->fd, sb, sizeof(*sb), (off_t)copy * FT_CACHE_SB_BYTES);
 		if (rc == 0 && fdatasync(dev->fd) < 0)
@@ -201,6 +225,7 @@ static int format(struct ft_cachedev *dev)
 	if (getrandom(dev->uuid, sizeof(dev->uuid), 0) != sizeof(dev->uuid))
 		return -EIO;
 	dev->seq = 0;
+	dev->nvolumes = 0;
 	dev->formatted_now = true;
 	/* Clear the metadata area: no stale mapping may survive a reformat. */
 	for (uint64_t off = 0; off < dev->geo.meta_bytes; off += 1u << 20) {
@@ -290,6 +315,11 @@ int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_c
 		memcpy(dev->uuid, uuid[best], 16);
 		dev->seq = seq[best];
 		dev->flags = flags[best];
+		dev->nvolumes = le32toh(sb[best].nvolumes);
+		for (uint32_t i = 0; i < dev->nvolumes; i++) {
+			dev->volumes[i].ident = le64toh(sb[best].volumes[i].ident);
+			dev->volumes[i].id = le16toh(sb[best].volumes[i].id);
+		}
 		if (st[!best] != FT_SB_VALID || seq[!best] != seq[best]) {
 			/* Rewrite both so the damaged or stale copy matches again. */
 			rc = ft_cachedev_write_sb(dev, dev->flags);

@@ -123,6 +123,85 @@ static void per_volume(struct out *o, const struct ft_metrics_volume *vols, size
 	}
 }
 
+/* One value per cached volume: @field_offset locates it in struct ft_cache_stats. */
+static void per_cached_volume(struct out *o, const struct ft_metrics_volume *vols, size_t n,
+			      const char *name, const char *type, const char *help,
+			      size_t field_offset, uint64_t scale)
+{
+	header(o, name, type, help);
+	for (size_t i = 0; i < n; i++) {
+		const uint64_t *p;
+
+		if (!vols[i].stats->cached)
+			continue;
+		p = (const uint64_t *)((const char *)&vols[i].stats->cache + field_offset);
+		put(o, "%s", name);
+		put_labels(o, &vols[i], NULL);
+		put(o, "} %llu\n", (unsigned long long)(ft_stat_get(p) * scale));
+	}
+}
+
+static void cache_metrics(struct out *o, const struct ft_metrics_volume *vols, size_t n,
+			  const struct ft_server_stats *srv)
+{
+	static const struct {
+		const char *name, *type, *help;
+		size_t offset;
+		uint64_t scale;
+	} m[] = {
+		{ "flashtier_cache_hits_total", "counter",
+		  "READ requests served wholly from the cache.",
+		  offsetof(struct ft_cache_stats, hits), 1 },
+		{ "flashtier_cache_misses_total", "counter",
+		  "READ requests that went to the backing store.",
+		  offsetof(struct ft_cache_stats, misses), 1 },
+		{ "flashtier_cache_hit_bytes_total", "counter", "Bytes read from the cache.",
+		  offsetof(struct ft_cache_stats, hit_bytes), 1 },
+		{ "flashtier_cache_miss_bytes_total", "counter",
+		  "Bytes of READs served from the backing store.",
+		  offsetof(struct ft_cache_stats, miss_bytes), 1 },
+		{ "flashtier_cache_bypasses_total", "counter",
+		  "READ requests kept out of the cache by the sequential cutoff.",
+		  offsetof(struct ft_cache_stats, bypasses), 1 },
+		{ "flashtier_cache_fills_total", "counter",
+		  "4 KiB blocks written into the cache (read misses and write-through).",
+		  offsetof(struct ft_cache_stats, fills), 1 },
+		{ "flashtier_cache_fills_dropped_total", "counter",
+		  "Fills abandoned because a write raced them, the device failed, or no room.",
+		  offsetof(struct ft_cache_stats, fills_dropped), 1 },
+		{ "flashtier_cache_evictions_total", "counter",
+		  "Cached blocks evicted to make room.",
+		  offsetof(struct ft_cache_stats, evictions), 1 },
+		{ "flashtier_cache_invalidations_total", "counter",
+		  "Cached blocks dropped because a write, trim or zeroing replaced them.",
+		  offsetof(struct ft_cache_stats, invalidations), 1 },
+		{ "flashtier_cache_checksum_errors_total", "counter",
+		  "Cached blocks that failed their checksum on a hit (served from the store).",
+		  offsetof(struct ft_cache_stats, checksum_errors), 1 },
+		{ "flashtier_cache_device_errors_total", "counter",
+		  "Cache device I/O errors met while serving the volume.",
+		  offsetof(struct ft_cache_stats, device_errors), 1 },
+		{ "flashtier_cache_occupancy_bytes", "gauge", "Cache space the volume holds.",
+		  offsetof(struct ft_cache_stats, occupancy_blocks), 4096 },
+		{ "flashtier_cache_quota_bytes", "gauge", "Most cache space the volume may hold.",
+		  offsetof(struct ft_cache_stats, quota_blocks), 4096 },
+		{ "flashtier_cache_passthrough", "gauge",
+		  "1 if the volume stopped using the cache after device errors.",
+		  offsetof(struct ft_cache_stats, passthrough), 1 },
+	};
+
+	if (!srv->has_cache)
+		return;
+	header(o, "flashtier_cache_size_bytes", "gauge", "Data space of the cache device.");
+	put(o, "flashtier_cache_size_bytes %llu\n", (unsigned long long)srv->cache.slots * 4096);
+	header(o, "flashtier_cache_memory_bytes", "gauge",
+	       "RAM used by the cache directory and per-block state.");
+	put(o, "flashtier_cache_memory_bytes %llu\n", (unsigned long long)srv->cache.memory_bytes);
+	for (size_t i = 0; i < sizeof(m) / sizeof(m[0]); i++)
+		per_cached_volume(o, vols, n, m[i].name, m[i].type, m[i].help, m[i].offset,
+				  m[i].scale);
+}
+
 static void histograms(struct out *o, const struct ft_metrics_volume *vols, size_t n)
 {
 	const char *name = "flashtier_request_duration_seconds";
@@ -197,6 +276,8 @@ char *ft_metrics_render(const struct ft_metrics_volume *vols, size_t n,
 	per_volume(&o, vols, n, "flashtier_connections_total", "counter",
 		   "NBD client connections that entered transmission on the volume.",
 		   offsetof(struct ft_volume_stats, connections_total));
+
+	cache_metrics(&o, vols, n, srv);
 
 	header(&o, "flashtier_accepted_connections_total", "counter",
 	       "Connections accepted on the NBD socket.");

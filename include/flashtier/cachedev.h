@@ -35,6 +35,22 @@
 /* Smallest useful device: the superblocks, metadata and 16 data blocks. */
 #define FT_CACHE_MIN_BYTES  (2u * FT_CACHE_DATA_ALIGN)
 
+/*
+ * The volume table: which volume id a (volume name, backing store, size)
+ * has on this device. Ids are the top 16 bits of every mapping record's
+ * key; a volume that leaves the table (removed from the config, its backing
+ * store or size changed, or its cache dropped after device errors) takes
+ * its records with it: they are cleared at the next start, before an id is
+ * ever handed out again.
+ */
+#define FT_CACHE_MAX_VOLUMES 240
+
+struct ft_cache_sb_volume {
+	uint64_t ident; /* hash of name, backing and size (ft_cache_volume_ident) */
+	uint16_t id;    /* >= 1 */
+	uint8_t reserved[6];
+} __attribute__((packed));
+
 /* Superblock as stored: little-endian fields, CRC32C over all bytes before crc. */
 struct ft_cache_sb {
 	char magic[8];
@@ -50,7 +66,9 @@ struct ft_cache_sb {
 	uint64_t data_offset;
 	uint64_t nslots;
 	uint32_t flags;
-	uint8_t reserved[FT_CACHE_SB_BYTES - 96];
+	uint32_t nvolumes;
+	struct ft_cache_sb_volume volumes[FT_CACHE_MAX_VOLUMES];
+	uint8_t reserved[FT_CACHE_SB_BYTES - 100 - 16 * FT_CACHE_MAX_VOLUMES];
 	uint32_t crc;
 } __attribute__((packed));
 _Static_assert(sizeof(struct ft_cache_sb) == FT_CACHE_SB_BYTES, "superblock is one 4 KiB block");
@@ -71,9 +89,18 @@ struct ft_cache_geometry {
  */
 int ft_cache_geometry(uint64_t device_bytes, struct ft_cache_geometry *g);
 
-/* Fill @sb (encoding little-endian fields and the CRC). */
+/* A volume id's entry in RAM. */
+struct ft_cache_volent {
+	uint64_t ident;
+	uint16_t id;
+};
+
+/* Fill @sb (encoding little-endian fields and the CRC) with an empty volume table. */
 void ft_cache_sb_encode(struct ft_cache_sb *sb, const struct ft_cache_geometry *g,
 			const uint8_t uuid[16], uint64_t seq, uint32_t flags);
+
+/* Identity of a volume's contents as far as the cache can tell (never 0). */
+uint64_t ft_cache_volume_ident(const char *name, const char *backing, uint64_t size);
 
 enum ft_cache_sb_state {
 	FT_SB_VALID,   /* ours, this version, CRC good */
@@ -94,6 +121,8 @@ struct ft_cachedev {
 	uint8_t uuid[16];
 	uint64_t seq;
 	uint32_t flags;      /* as found at open */
+	uint32_t nvolumes;   /* the volume table, written by ft_cachedev_write_sb() */
+	struct ft_cache_volent volumes[FT_CACHE_MAX_VOLUMES];
 	bool formatted_now;  /* a new cache (nothing to reattach) */
 	bool repaired_copy;  /* one superblock copy was bad and has been rewritten */
 };
@@ -109,7 +138,10 @@ struct ft_cachedev {
 int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_cachedev **out,
 		     char *err, size_t err_len);
 
-/* Write both superblock copies with @flags and seq + 1 (A, fdatasync, B, fdatasync). */
+/*
+ * Write both superblock copies with @flags, the volume table in @dev and
+ * seq + 1 (A, fdatasync, B, fdatasync).
+ */
 int ft_cachedev_write_sb(struct ft_cachedev *dev, uint32_t flags);
 
 void ft_cachedev_close(struct ft_cachedev *dev);

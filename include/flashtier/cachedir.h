@@ -71,6 +71,24 @@ bool ft_cachedir_returning(const struct ft_cachedir *d, ft_cache_key key);
 /* Forget @key (invalidation); its slot becomes free. No-op if absent. */
 void ft_cachedir_remove(struct ft_cachedir *d, ft_cache_key key);
 
+/*
+ * Warm restart: put @key back in @slot (free, in a directory nothing else has
+ * touched yet), in the main FIFO with no access history. After the last
+ * one, ft_cachedir_restore_done() rebuilds the free list.
+ */
+void ft_cachedir_restore(struct ft_cachedir *d, uint32_t slot, ft_cache_key key);
+void ft_cachedir_restore_done(struct ft_cachedir *d);
+
+/*
+ * Quotas: evict one unpinned block of volume @vol, chosen by CLOCK over the
+ * slot array from *@hand (a cursor the caller keeps per volume; blocks with
+ * a nonzero access counter get it decremented and are passed over). The
+ * slot becomes free (the next insert takes it). Returns the slot and
+ * *@victim, or FT_CACHEDIR_NONE if the volume has no evictable block.
+ */
+uint32_t ft_cachedir_evict_volume(struct ft_cachedir *d, uint16_t vol, uint32_t *hand,
+				  ft_cache_key *victim);
+
 /* A pinned slot is never evicted (dirty data, a fill in progress). */
 void ft_cachedir_pin(struct ft_cachedir *d, uint32_t slot, bool pinned);
 

@@ -7,11 +7,19 @@
  *     "metrics": "127.0.0.1:9810",            (optional; absent = no endpoint)
  *     "reactors": 2,                           (optional; default = CPUs)
  *     "log_level": "info",                     (optional)
+ *     "cache": { "path": PATH, "size": "8G",  (optional; absent = no cache)
+ *                "reformat": false, "error_threshold": 16 },
  *     "volumes": {
  *       "EXPORT": { "backing": PATH | "nbd://..." | "nbd+unix://...",
- *                   "readonly": false, "description": "...", "domain": "..." }
+ *                   "readonly": false, "description": "...", "domain": "...",
+ *                   "cache": { "mode": "write-through" | "write-around" | "none",
+ *                              "sequential_cutoff": "1M", "quota": "50%" | "2G" } }
  *     }
  *   }
+ *
+ * Sizes are a byte count or a string with a binary suffix (K, M, G, T).
+ * A volume's cache mode defaults to write-through when a cache is
+ * configured and must be "none" (the default) when not.
  *
  * Unknown keys, duplicate keys, wrong types and bad values are errors; the
  * message names the file, the key and the reason. Validation checks that a
@@ -27,8 +35,10 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "flashtier/log.h"
+#include "flashtier/policy.h"
 
 enum ft_addr_kind {
 	FT_ADDR_UNIX,
@@ -54,6 +64,18 @@ struct ft_volume_config {
 	bool readonly;
 	char *description; /* may be NULL */
 	char *domain;      /* libvirt domain name; may be NULL */
+	struct ft_volume_policy policy;
+};
+
+/* The shared cache device ("cache" at the top level). */
+#define FT_CACHE_MIN_DEVICE (2ull << 20)
+#define FT_CACHE_MIN_QUOTA  (1ull << 20)
+
+struct ft_cache_config {
+	char *path;               /* file or block device */
+	uint64_t size;            /* bytes to create a missing file with; 0 = existing size */
+	bool reformat;            /* overwrite whatever is on the device */
+	uint32_t error_threshold; /* device errors before a volume goes pass-through */
 };
 
 struct ft_config {
@@ -64,6 +86,8 @@ struct ft_config {
 	unsigned reactors;             /* 0 = one per CPU */
 	bool has_log_level;
 	enum ft_log_level log_level;
+	bool has_cache;
+	struct ft_cache_config cache;
 	size_t n_volumes;
 	struct ft_volume_config *volumes;
 };
@@ -83,6 +107,9 @@ int ft_config_load(const char *path, struct ft_config **out, char *err, size_t e
 
 /* The embedded default used when flashtierd runs without --config. */
 extern const char ft_config_builtin[];
+
+/* Parse a size: digits with an optional K/M/G/T (binary) suffix. Returns 0 or -EINVAL. */
+int ft_config_parse_size(const char *s, uint64_t *out);
 
 /* Parse "HOST:PORT" ("[v6]:PORT" for IPv6). Returns 0 or -EINVAL. */
 int ft_config_parse_hostport(const char *s, struct ft_listen_addr *out);

@@ -40,17 +40,43 @@ struct ft_op_stats {
 	uint64_t lat_bucket[FT_LAT_BUCKETS + 1]; /* non-cumulative; last is +Inf */
 };
 
+/* A cached volume's cache counters (written by its reactor). */
+struct ft_cache_stats {
+	uint64_t hits, hit_bytes;     /* READs served wholly from the cache */
+	uint64_t misses, miss_bytes;  /* READs that went to the backing store */
+	uint64_t bypasses;            /* READs kept out by the sequential cutoff */
+	uint64_t fills;               /* blocks written into the cache */
+	uint64_t fills_dropped;       /* fills abandoned (raced a write, device error, no room) */
+	uint64_t evictions;           /* blocks evicted to make room */
+	uint64_t invalidations;       /* cached blocks dropped because they were overwritten */
+	uint64_t checksum_errors;     /* hits whose data failed its CRC (served from the store) */
+	uint64_t device_errors;       /* cache device I/O errors */
+	uint64_t occupancy_blocks;    /* gauge: 4 KiB blocks held */
+	uint64_t quota_blocks;        /* gauge: the most it may hold */
+	uint64_t passthrough;         /* gauge: 1 once the volume stopped using the cache */
+};
+
+/* Cache-wide figures. */
+struct ft_cache_global_stats {
+	uint64_t slots;        /* 4 KiB blocks of cache space */
+	uint64_t memory_bytes; /* RAM the directory and per-block state use */
+};
+
 struct ft_volume_stats {
 	struct ft_op_stats op[FT_OP_COUNT];
 	uint64_t in_flight;
 	uint64_t connections;       /* open now */
 	uint64_t connections_total; /* ever attached */
 	uint64_t invalid_requests;  /* rejected by validation (EINVAL, EPERM, ...) */
+	bool cached;                /* set before serving: the cache counters are live */
+	struct ft_cache_stats cache;
 };
 
 struct ft_server_stats {
 	uint64_t accepted_total;
 	uint64_t handshake_failures_total;
+	bool has_cache; /* set before the endpoint starts */
+	struct ft_cache_global_stats cache;
 };
 
 /* Single-writer updates (owner thread only). */

@@ -146,6 +146,8 @@ struct trace_params {
 	double scan_frac;   /* zipf+scan: fraction of accesses that are scan accesses */
 	double scan_region; /* zipf+scan: scanned region, as a multiple of blocks */
 	uint64_t scan_len;  /* zipf+scan: blocks per scan (0: one pass over the region) */
+	uint64_t scan_chunk; /* zipf+scan: blocks per scan request (0: a scan back to back) */
+	double scan_duty;   /* zipf+scan: share of the accesses the scan takes while it runs */
 	double loop_frac;   /* loop: loop length as a multiple of blocks */
 };
 
@@ -162,6 +164,7 @@ struct trace {
 	double sizes[TRACE_MAX_SIZES]; /* fractions of base */
 	bool scan_trace;	       /* the zipf+scan trace (for the +5 criterion) */
 	uint64_t scan_len;	       /* zipf+scan: blocks per scan */
+	uint64_t scan_chunk;	       /* zipf+scan: blocks per scan request */
 	uint32_t scan_first;	       /* zipf+scan: blocks >= this are scan blocks */
 };
 

@@ -409,6 +409,10 @@ static void usage(FILE *f)
 		"  --scan-frac F    zipf+scan: fraction of accesses that are scans (default 0.2)\n"
 		"  --scan-region F  zipf+scan: scanned region, x blocks (default 0.5)\n"
 		"  --scan-len N     zipf+scan: blocks per scan (default: the whole region)\n"
+		"  --scan-chunk N   zipf+scan: blocks per scan request, interleaved with Zipf\n"
+		"                   accesses (default 64; 0: each scan back to back)\n"
+		"  --scan-duty F    zipf+scan: share of the accesses a running scan takes\n"
+		"                   (default 0.5)\n"
 		"  --loop F         loop: loop length, x blocks (default 0.25)\n"
 		"  --trace LIST     comma-separated subset of: ");
 	for (int k = 0; k < TRACE_NKINDS; k++)
@@ -427,6 +431,21 @@ static uint64_t parse_u64(const char *s, const char *what)
 	errno = 0;
 	v = strtoull(s, &end, 0);
 	if (errno || *end || !v) {
+		fprintf(stderr, "cachesim: bad %s '%s'\n", what, s);
+		exit(2);
+	}
+	return v;
+}
+
+/* Like parse_u64, but 0 is allowed. */
+static uint64_t parse_u64z(const char *s, const char *what)
+{
+	char *end;
+	unsigned long long v;
+
+	errno = 0;
+	v = strtoull(s, &end, 0);
+	if (errno || *end || end == s) {
 		fprintf(stderr, "cachesim: bad %s '%s'\n", what, s);
 		exit(2);
 	}
@@ -471,6 +490,8 @@ static void parse_opts(struct opts *o, int argc, char **argv, bool *selftest_onl
 		{ "scan-frac", required_argument, NULL, 'f' },
 		{ "scan-region", required_argument, NULL, 'r' },
 		{ "scan-len", required_argument, NULL, 'L' },
+		{ "scan-chunk", required_argument, NULL, 'C' },
+		{ "scan-duty", required_argument, NULL, 'D' },
 		{ "loop", required_argument, NULL, 'l' },
 		{ "trace", required_argument, NULL, 't' },
 		{ "threads", required_argument, NULL, 'j' },
@@ -489,6 +510,8 @@ static void parse_opts(struct opts *o, int argc, char **argv, bool *selftest_onl
 	o->tp.scan_frac = 0.2;
 	o->tp.scan_region = 0.5;
 	o->tp.scan_len = 0;
+	o->tp.scan_chunk = 64;
+	o->tp.scan_duty = 0.5;
 	o->tp.loop_frac = 0.25;
 	o->threads = ncpu > 0 ? (int)ncpu : 1;
 	o->out = NULL;
@@ -513,6 +536,12 @@ static void parse_opts(struct opts *o, int argc, char **argv, bool *selftest_onl
 			break;
 		case 'L':
 			o->tp.scan_len = parse_u64(optarg, "--scan-len");
+			break;
+		case 'C':
+			o->tp.scan_chunk = parse_u64z(optarg, "--scan-chunk");
+			break;
+		case 'D':
+			o->tp.scan_duty = parse_frac(optarg, "--scan-duty");
 			break;
 		case 'l':
 			o->tp.loop_frac = parse_frac(optarg, "--loop");
@@ -541,7 +570,7 @@ static void parse_opts(struct opts *o, int argc, char **argv, bool *selftest_onl
 			exit(2);
 		}
 	}
-	if (optind < argc || o->tp.scan_frac > 1) {
+	if (optind < argc || o->tp.scan_frac > 1 || o->tp.scan_duty > 1) {
 		usage(stderr);
 		exit(2);
 	}

@@ -330,6 +330,8 @@ int trace_generate(enum trace_kind kind, const struct trace_params *tp, struct t
 		uint64_t region = (uint64_t)(tp->scan_region * (double)w);
 		uint64_t scan_total = (uint64_t)(tp->scan_frac * (double)n + 0.5);
 		uint64_t len = tp->scan_len, nscans, zipf_total, pos = 0, cur = 0, zdone = 0;
+		uint64_t chunk = tp->scan_chunk, inside = 0, zin = 0;
+		double duty = tp->scan_duty;
 
 		if (region < 1)
 			region = 1;
@@ -339,35 +341,67 @@ int trace_generate(enum trace_kind kind, const struct trace_params *tp, struct t
 			scan_total = n;
 		nscans = scan_total ? (scan_total + len - 1) / len : 0;
 		zipf_total = n - scan_total;
+		if (!chunk || chunk > len)
+			chunk = len;
+		/*
+		 * Zipf accesses inside the scan windows: the scan reader takes @duty
+		 * of the accesses while it runs (the whole trace if duty <= scan_frac).
+		 */
+		if (chunk < len && scan_total) {
+			if (!(duty > tp->scan_frac) || duty >= 1)
+				inside = zipf_total;
+			else
+				inside = (uint64_t)((double)scan_total * (1 - duty) / duty + 0.5);
+			if (inside > zipf_total)
+				inside = zipf_total;
+		}
 		t->scan_len = nscans ? scan_total / nscans : 0;
+		t->scan_chunk = chunk;
 		t->scan_trace = true;
 		t->scan_first = (uint32_t)w;
 		zipf_init(&z, w, 1.1);
 		/*
-		 * nscans scans spread evenly, zipf, scan, zipf, ..., scan, zipf; each
-		 * scan goes on where the last one stopped, cycling through the region.
+		 * nscans scan windows spread evenly: zipf, window, zipf, ..., window,
+		 * zipf. In a window the scan's requests of @chunk blocks alternate with
+		 * evenly spaced runs of Zipf accesses (the VM keeps running while a
+		 * backup reads); each scan goes on where the last one stopped, cycling
+		 * through the region.
 		 */
 		for (uint64_t j = 0; j <= nscans; j++) {
-			uint64_t zend =
-				(uint64_t)((unsigned __int128)zipf_total * (j + 1) / (nscans + 1));
+			uint64_t zend = (uint64_t)((unsigned __int128)(zipf_total - inside) * (j + 1) /
+						   (nscans + 1));
 			uint64_t slen =
 				j < nscans ? scan_total / nscans + (j < scan_total % nscans) : 0;
+			uint64_t zw = j < nscans ? (uint64_t)((unsigned __int128)inside * (j + 1) / nscans) -
+							   zin
+						 : 0;
+			uint64_t nch = (slen + chunk - 1) / chunk, zwdone = 0;
 
 			gen_zipf(t->blk + cur, zend - zdone, &z, perm, &r);
 			cur += zend - zdone;
 			zdone = zend;
-			for (uint64_t k = 0; k < slen; k++) {
-				t->blk[cur++] = (uint32_t)(w + pos);
-				pos = (pos + 1) % region;
+			for (uint64_t c = 0; c < nch; c++) {
+				uint64_t k0 = c * chunk, k1 = k0 + chunk < slen ? k0 + chunk : slen;
+				uint64_t zto = (uint64_t)((unsigned __int128)zw * (c + 1) / nch);
+
+				for (uint64_t k = k0; k < k1; k++) {
+					t->blk[cur++] = (uint32_t)(w + pos);
+					pos = (pos + 1) % region;
+				}
+				gen_zipf(t->blk + cur, zto - zwdone, &z, perm, &r);
+				cur += zto - zwdone;
+				zwdone = zto;
 			}
+			zin += zw;
 		}
 		snprintf(
 			t->desc, sizeof(t->desc),
 			"Zipf(1.1) over %llu blocks, plus %llu sequential scans of ~%llu blocks "
+			"in requests of %llu blocks interleaved with Zipf accesses "
 			"(going on through %llu blocks outside the working set): %.1f%% of accesses",
 			(unsigned long long)w, (unsigned long long)nscans,
-			(unsigned long long)t->scan_len, (unsigned long long)region,
-			100.0 * (double)scan_total / (double)n);
+			(unsigned long long)t->scan_len, (unsigned long long)chunk,
+			(unsigned long long)region, 100.0 * (double)scan_total / (double)n);
 		break;
 	}
 	case TRACE_LOOP: {
