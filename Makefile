@@ -4,6 +4,7 @@
 #   make run             install missing packages, build, run the built-in demo
 #   make check           unit, integration and interop tests
 #   make check SANITIZE=1  the same under ASan+UBSan (separate build tree)
+#   make check TSAN=1      the same under ThreadSanitizer (separate build tree)
 #   make bench           benchmarks (tests/bench), not part of check
 #   make install         PREFIX=/usr/local DESTDIR=
 
@@ -28,6 +29,10 @@ ifeq ($(SANITIZE),1)
 BUILD   ?= build/sanitize
 CFLAGS  += -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 LDFLAGS += -fsanitize=address,undefined
+else ifeq ($(TSAN),1)
+BUILD   ?= build/tsan
+CFLAGS  += -O1 -fsanitize=thread -fno-omit-frame-pointer
+LDFLAGS += -fsanitize=thread
 else
 BUILD   ?= build
 endif
@@ -44,7 +49,7 @@ INTEG_SRCS := $(wildcard tests/integration/*.c)
 INTEG_BINS := $(INTEG_SRCS:tests/integration/%.c=$(BUILD)/tests/integration/%)
 TEST_LIBS := -lcriterion
 
-.PHONY: all run check check-unit check-integration bench cachesim install uninstall clean format deps
+.PHONY: all run check test-programs check-unit check-integration bench cachesim install uninstall clean format deps
 
 all: $(AGENT)
 
@@ -74,8 +79,18 @@ run: deps
 	@$(MAKE) --no-print-directory all
 	exec ./$(AGENT)
 
+ifeq ($(TSAN),1)
+# ThreadSanitizer instruments the agent, where the threads are; the test
+# programs (Criterion cannot run under TSan) come from an uninstrumented tree.
+check: $(AGENT)
+	@$(MAKE) --no-print-directory TSAN= BUILD=build/tsan-tests test-programs
+	@BUILD=build/tsan-tests AGENT=$(abspath $(AGENT)) tests/run-tests.sh
+else
 check: $(AGENT) $(UNIT_BINS) $(INTEG_BINS)
 	@BUILD=$(BUILD) AGENT=$(abspath $(AGENT)) tests/run-tests.sh
+endif
+
+test-programs: $(UNIT_BINS) $(INTEG_BINS)
 
 bench: $(AGENT)
 	AGENT=$(abspath $(AGENT)) tests/bench/nbd-passthrough.sh

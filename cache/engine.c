@@ -14,6 +14,10 @@
 
 #define BLK FT_CACHE_BLOCK
 
+/* A read issued by NBD_CMD_CACHE: always admitted, not counted as a VM read. */
+#define BIO_PREFETCH (1u << 31)
+#define PREFETCH_CHUNK (4u << 20)
+
 struct cache_op;
 
 /* One device read of a run of consecutive slots on the hit path. */
@@ -274,8 +278,10 @@ static void read_miss(struct cache_op *op)
 	uint64_t off = parent->offset, end = off + parent->len;
 	uint64_t first = (off + BLK - 1) / BLK, last = end / BLK; /* whole blocks: [first, last) */
 
-	ft_stat_add(&v->stats->misses, 1);
-	ft_stat_add(&v->stats->miss_bytes, parent->len);
+	if (!(parent->flags & BIO_PREFETCH)) {
+		ft_stat_add(&v->stats->misses, 1);
+		ft_stat_add(&v->stats->miss_bytes, parent->len);
+	}
 	if (last > v->nblocks)
 		last = v->nblocks;
 	op->nfills = 0;
@@ -344,8 +350,10 @@ static void hit_done(struct cache_op *op)
 		read_miss(op);
 		return;
 	}
-	ft_stat_add(&v->stats->hits, 1);
-	ft_stat_add(&v->stats->hit_bytes, parent->len);
+	if (!(parent->flags & BIO_PREFETCH)) {
+		ft_stat_add(&v->stats->hits, 1);
+		ft_stat_add(&v->stats->hit_bytes, parent->len);
+	}
 	if (op->bounce)
 		memcpy(parent->buf, (char *)op->bounce + (parent->offset - b0 * BLK), parent->len);
 	op_finish(op, 0);
@@ -368,7 +376,7 @@ static void vol_read(struct cache_vol *v, struct ft_bio *bio)
 	uint64_t off = bio->offset, end = off + bio->len;
 	uint64_t b0 = off / BLK, b1 = (end + BLK - 1) / BLK;
 	uint32_t n = (uint32_t)(b1 - b0);
-	bool admit = v->policy.sequential_cutoff == 0 ||
+	bool admit = (bio->flags & BIO_PREFETCH) || v->policy.sequential_cutoff == 0 ||
 		     ft_seqdetect_admit(&v->seq, off, bio->len);
 	bool hit = b1 <= v->nblocks;
 	struct cache_op *op;
@@ -423,6 +431,73 @@ static void vol_read(struct cache_vol *v, struct ft_bio *bio)
 	}
 	if (--op->pending == 0)
 		hit_done(op);
+}
+
+/* ---- NBD_CMD_CACHE: prefetch the range into the cache, a chunk at a time ---- */
+
+struct prefetch {
+	struct ft_bio rd;
+	struct ft_bio *orig;
+	struct cache_vol *v;
+	uint64_t next, end;
+	bool in_loop; /* a chunk completed inside vol_read(): the loop goes on */
+	bool chunk_done;
+	int error;
+	void *buf;
+};
+
+static void prefetch_loop(struct prefetch *pf)
+{
+	pf->in_loop = true;
+	while (!pf->error && pf->next < pf->end) {
+		uint64_t len = pf->end - pf->next < PREFETCH_CHUNK ? pf->end - pf->next
+								    : PREFETCH_CHUNK;
+
+		pf->rd.op = FT_BIO_READ;
+		pf->rd.flags = BIO_PREFETCH;
+		pf->rd.offset = pf->next;
+		pf->rd.len = len;
+		pf->rd.buf = pf->buf;
+		pf->next += len;
+		pf->chunk_done = false;
+		vol_read(pf->v, &pf->rd);
+		if (!pf->chunk_done) {
+			pf->in_loop = false; /* completes later; its end_io resumes the loop */
+			return;
+		}
+	}
+	pf->in_loop = false;
+	pf->orig->end_io(pf->orig, pf->error);
+	free(pf->buf);
+	free(pf);
+}
+
+static void prefetch_end_io(struct ft_bio *bio, int error)
+{
+	struct prefetch *pf = (struct prefetch *)bio;
+
+	pf->chunk_done = true;
+	if (error)
+		pf->error = error;
+	if (!pf->in_loop)
+		prefetch_loop(pf);
+}
+
+static void vol_prefetch(struct cache_vol *v, struct ft_bio *bio)
+{
+	struct prefetch *pf = calloc(1, sizeof(*pf));
+
+	if (!pf || posix_memalign(&pf->buf, BLK, PREFETCH_CHUNK) != 0) {
+		free(pf);
+		ft_bio_submit(v->inner, bio); /* the store's own CACHE, if it has one */
+		return;
+	}
+	pf->orig = bio;
+	pf->v = v;
+	pf->next = bio->offset;
+	pf->end = bio->offset + bio->len;
+	pf->rd.end_io = prefetch_end_io;
+	prefetch_loop(pf);
 }
 
 /* ---- writes ---- */
@@ -597,7 +672,10 @@ static void cache_submit(struct ft_backend *b, struct ft_bio *bio)
 	case FT_BIO_WRITE_ZEROES:
 		vol_write(v, bio);
 		return;
-	default: /* FLUSH, CACHE: the cache holds nothing the store lacks */
+	case FT_BIO_CACHE:
+		vol_prefetch(v, bio);
+		return;
+	default: /* FLUSH: the cache holds nothing the store lacks */
 		ft_bio_submit(v->inner, bio);
 		return;
 	}
