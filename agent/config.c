@@ -16,6 +16,7 @@
 const char ft_config_builtin[] = "{\n"
 				 "  \"listen\": \"var/flashtierd.sock\",\n"
 				 "  \"metrics\": \"127.0.0.1:9810\",\n"
+				 "  \"cache\": { \"path\": \"var/cache.img\", \"size\": \"256M\" },\n"
 				 "  \"volumes\": {\n"
 				 "    \"disk0\": {\n"
 				 "      \"backing\": \"var/disk0.img\",\n"
