@@ -316,12 +316,36 @@ static int parse_volume_cache(struct parse_ctx *p, const char *prefix, json_t *o
 	return 0;
 }
 
+/*
+ * /var/lib/flashtier/<the cache's absolute path, '/' as '-'>.state: off the
+ * cache device (which is what may be failing when it is written) and one
+ * per cache.
+ */
+static char *default_state_file(const char *path)
+{
+	char cwd[4096], *abs = NULL, *out = NULL;
+
+	if (path[0] == '/')
+		abs = strdup(path);
+	else if (getcwd(cwd, sizeof(cwd)) && asprintf(&abs, "%s/%s", cwd, path) < 0)
+		abs = NULL;
+	if (!abs)
+		return NULL;
+	for (char *c = abs; *c; c++)
+		if (*c == '/')
+			*c = '-';
+	if (asprintf(&out, "/var/lib/flashtier/%s.state", abs + 1) < 0)
+		out = NULL;
+	free(abs);
+	return out;
+}
+
 static int parse_cache(struct parse_ctx *p, json_t *obj, struct ft_cache_config *cc,
 		       bool check_paths)
 {
-	static const char *const allowed[] = { "path", "size", "reformat", "error_threshold",
-					       NULL };
-	const char *path;
+	static const char *const allowed[] = { "path",		  "size",	"reformat",
+					       "error_threshold", "state_file", NULL };
+	const char *path, *state;
 	bool present;
 	json_t *v;
 	int rc;
@@ -370,8 +394,19 @@ static int parse_cache(struct parse_ctx *p, json_t *obj, struct ft_cache_config 
 			return fail(p, "cache.path", "cannot use '%s': %s", path, strerror(errno));
 		}
 	}
+	rc = get_string(p, obj, "state_file", "cache.state_file", false, &state);
+	if (rc < 0)
+		return rc;
+	if (state && *state == '\0')
+		return fail(p, "cache.state_file", "must not be empty");
 	cc->path = strdup(path);
 	if (!cc->path)
+		return fail(p, NULL, "out of memory");
+	if (state)
+		cc->state_file = strdup(state);
+	else
+		cc->state_file = default_state_file(path);
+	if (!cc->state_file)
 		return fail(p, NULL, "out of memory");
 	return 0;
 }
@@ -642,6 +677,7 @@ void ft_config_free(struct ft_config *cfg)
 	}
 	free(cfg->volumes);
 	free(cfg->cache.path);
+	free(cfg->cache.state_file);
 	ft_listen_addr_clear(&cfg->listen);
 	ft_listen_addr_clear(&cfg->metrics);
 	free(cfg->path);

@@ -4,14 +4,99 @@
  * warm restart from the mapping records.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "flashtier/log.h"
 #include "internal.h"
 
 #define SCAN_CHUNK (1u << 20) /* bytes of records read at a time at start-up */
+
+static void uuid_hex(const uint8_t u[16], char out[33])
+{
+	for (int i = 0; i < 16; i++)
+		snprintf(out + 2 * i, 3, "%02x", u[i]);
+}
+
+static int fsync_parent(const char *path)
+{
+	char *copy = strdup(path);
+	int fd, rc = 0;
+
+	if (!copy)
+		return -ENOMEM;
+	fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	free(copy);
+	if (fd < 0)
+		return -errno;
+	if (fsync(fd) < 0)
+		rc = -errno;
+	close(fd);
+	return rc;
+}
+
+int cache_mark_untrusted(struct ft_cache *c, const char *why)
+{
+	const char *path = c->cfg->state_file;
+	char tmp[4096], u[33], *dir;
+	int fd, rc = 0;
+	FILE *f;
+
+	uuid_hex(c->dev->uuid, u);
+	dir = strdup(path);
+	if (dir) {
+		(void)mkdir(dirname(dir), 0755); /* /var/lib/flashtier may not exist yet */
+		free(dir);
+	}
+	if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp))
+		return -ENAMETOOLONG;
+	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return -errno;
+	f = fdopen(fd, "w");
+	if (!f) {
+		close(fd);
+		return -ENOMEM;
+	}
+	fprintf(f, "# flashtier: do not trust this cache device's contents at the next start\n"
+		   "uuid=%s\nreason=%s\n",
+		u, why);
+	if (fflush(f) != 0 || fsync(fd) < 0)
+		rc = -errno;
+	if (fclose(f) != 0 && rc == 0)
+		rc = -errno;
+	if (rc == 0 && rename(tmp, path) < 0)
+		rc = -errno;
+	if (rc == 0)
+		rc = fsync_parent(path);
+	return rc;
+}
+
+/*
+ * The previous run could not write to the device while volumes carried on
+ * without it: their backing stores may now be newer than its records. Does
+ * the state file name this device?
+ */
+static bool marked_untrusted(const struct ft_cache_config *cc, const struct ft_cachedev *dev)
+{
+	char line[256], u[33], want[40];
+	bool hit = false;
+	FILE *f = fopen(cc->state_file, "re");
+
+	if (!f)
+		return false;
+	uuid_hex(dev->uuid, u);
+	snprintf(want, sizeof(want), "uuid=%s\n", u);
+	while (fgets(line, sizeof(line), f))
+		hit = hit || strcmp(line, want) == 0;
+	fclose(f);
+	return hit;
+}
 
 int ft_cache_open(const struct ft_cache_config *cc, struct ft_cache **out)
 {
@@ -27,6 +112,23 @@ int ft_cache_open(const struct ft_cache_config *cc, struct ft_cache **out)
 		ft_err("cache: %s", msg);
 		free(c);
 		return rc;
+	}
+	if (!c->dev->formatted_now && marked_untrusted(cc, c->dev)) {
+		ft_warn("cache %s: the last run lost the ability to write to it while volumes went "
+			"on without it (%s); discarding its contents",
+			cc->path, cc->state_file);
+		ft_cachedev_close(c->dev);
+		rc = ft_cachedev_open(cc->path, cc->size, true, &c->dev, msg, sizeof(msg));
+		if (rc < 0) {
+			ft_err("cache: %s", msg);
+			free(c);
+			return rc;
+		}
+	}
+	if (access(cc->state_file, F_OK) == 0) {
+		/* Acted on, or about another device: either way it has served its purpose. */
+		if (unlink(cc->state_file) < 0 || fsync_parent(cc->state_file) < 0)
+			ft_warn("cache: cannot remove %s: %s", cc->state_file, strerror(errno));
 	}
 	if (c->dev->formatted_now)
 		ft_info("cache %s: formatted, %llu blocks of 4 KiB", cc->path,

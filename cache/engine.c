@@ -724,11 +724,22 @@ void vol_go_passthrough(struct cache_vol *v, const char *why)
 		}
 	}
 	rc = ft_cachedev_write_sb(c->dev, c->dev->flags);
+	if (rc < 0) {
+		/* The device is failing: say so where the next start will look first. */
+		int rc2 = cache_mark_untrusted(c, why);
+
+		if (rc2 < 0)
+			ft_err("cache %s: cannot drop volume '%s' from the device (%s) nor record that "
+			       "in %s (%s): reformat the cache (\"reformat\": true) before the next "
+			       "start",
+			       c->cfg->path, v->cfg->name, strerror(-rc), c->cfg->state_file,
+			       strerror(-rc2));
+		else
+			ft_warn("cache %s: cannot drop volume '%s' from the device (%s); %s says to "
+				"discard the cache at the next start",
+				c->cfg->path, v->cfg->name, strerror(-rc), c->cfg->state_file);
+	}
 	pthread_mutex_unlock(&c->sb_lock);
-	if (rc < 0)
-		ft_err("cache %s: cannot drop volume '%s' from the device (%s): reformat the cache "
-		       "(\"reformat\": true) before the next start",
-		       c->cfg->path, v->cfg->name, strerror(-rc));
 
 	for (uint32_t s = 0; s < p->nslots; s++) {
 		if (p->state[s] == SLOT_FREE)

@@ -175,6 +175,14 @@ void part_encode_page(const struct cache_part *p, uint32_t page, void *buf);
 void part_io_get(struct cache_part *p);
 void part_io_put(struct cache_part *p);
 
+/* ---- cache.c ---- */
+
+/*
+ * The device cannot be written: note in the state file (durably) that its
+ * records must not be trusted at the next start. Returns 0 or a negative errno.
+ */
+int cache_mark_untrusted(struct ft_cache *c, const char *why);
+
 /* ---- engine.c ---- */
 
 extern const struct ft_backend_ops cache_backend_ops;

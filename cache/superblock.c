@@ -202,19 +202,35 @@ int ft_cachedev_write_sb(struct ft_cachedev *dev, uint32_t flags)
 	return rc;
 }
 
-static int device_size(int fd, uint64_t want, uint64_t *out)
+/* The device's size now, and the size a cache formatted on it now would have. */
+static int device_size(int fd, uint64_t want, uint64_t *now, uint64_t *fmt)
 {
 	struct stat st;
 
 	if (fstat(fd, &st) < 0)
 		return -errno;
-	if (S_ISBLK(st.st_mode))
-		return ioctl(fd, BLKGETSIZE64, out) < 0 ? -errno : 0;
+	if (S_ISBLK(st.st_mode)) {
+		if (ioctl(fd, BLKGETSIZE64, now) < 0)
+			return -errno;
+		*fmt = *now;
+		return 0;
+	}
 	if (!S_ISREG(st.st_mode))
 		return -EINVAL;
-	if (want && (uint64_t)st.st_size < want && ftruncate(fd, (off_t)want) < 0)
+	*now = (uint64_t)st.st_size;
+	*fmt = want ? want : *now;
+	return 0;
+}
+
+/* Size a regular file for formatting; only ever called right before format(). */
+static int grow_for_format(int fd, uint64_t now, uint64_t fmt)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) < 0)
 		return -errno;
-	*out = want ? want : (uint64_t)st.st_size;
+	if (S_ISREG(st.st_mode) && now != fmt && ftruncate(fd, (off_t)fmt) < 0)
+		return -errno;
 	return 0;
 }
 
@@ -256,7 +272,7 @@ int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_c
 	enum ft_cache_sb_state st[2];
 	struct ft_cache_geometry g[2];
 	uint8_t uuid[2][16];
-	uint64_t seq[2], bytes;
+	uint64_t seq[2], bytes = 0, fmt_bytes = 0;
 	uint32_t flags[2];
 	char u[37];
 	int rc, best;
@@ -274,9 +290,9 @@ int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_c
 		snprintf(err, err_len, "%s: cannot open: %s", path, strerror(-rc));
 		goto fail;
 	}
-	rc = device_size(dev->fd, size, &bytes);
+	rc = device_size(dev->fd, size, &bytes, &fmt_bytes);
 	if (rc == 0)
-		rc = ft_cache_geometry(bytes, &dev->geo);
+		rc = ft_cache_geometry(fmt_bytes, &dev->geo);
 	if (rc < 0) {
 		snprintf(err, err_len, "%s: %s", path,
 			 rc == -ENOSPC ? "too small for a cache (at least 2 MiB)"
@@ -289,7 +305,9 @@ int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_c
 		goto fail;
 	}
 	if (reformat) {
-		rc = format(dev);
+		rc = grow_for_format(dev->fd, bytes, fmt_bytes);
+		if (rc == 0)
+			rc = format(dev);
 		if (rc < 0)
 			snprintf(err, err_len, "%s: format failed: %s", path, strerror(-rc));
 		goto done;
@@ -302,6 +320,14 @@ int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_c
 		if (st[i] == FT_SB_VALID && (best < 0 || seq[i] > seq[best]))
 			best = i;
 	if (best >= 0) {
+		if (g[best].device_bytes == bytes && fmt_bytes != bytes) {
+			rc = -EINVAL;
+			snprintf(err, err_len,
+				 "%s: the cache file is %llu bytes and the configuration asks for %llu; "
+				 "set reformat to start a new cache of that size (nothing was changed)",
+				 path, (unsigned long long)bytes, (unsigned long long)fmt_bytes);
+			goto fail;
+		}
 		if (g[best].device_bytes != bytes) {
 			rc = -EINVAL;
 			snprintf(err, err_len,
@@ -352,7 +378,9 @@ int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_c
 		goto fail;
 	}
 	if (st[0] == FT_SB_BLANK && st[1] == FT_SB_BLANK) {
-		rc = format(dev);
+		rc = grow_for_format(dev->fd, bytes, fmt_bytes);
+		if (rc == 0)
+			rc = format(dev);
 		if (rc < 0)
 			snprintf(err, err_len, "%s: format failed: %s", path, strerror(-rc));
 		goto done;

@@ -1,6 +1,8 @@
 #!/bin/sh
 # Install every Debian 12 package flashtier needs to build, run and test.
 # Idempotent and non-interactive; run as root.
+# (nbdfuse, which the cache tests use for a failing cache device, is in
+# libnbd-bin; fuse3 brings fusermount3 for mounting it without root.)
 set -eu
 
 PACKAGES="
@@ -8,6 +10,7 @@ build-essential pkg-config clang-format
 liburing-dev libnbd-dev libjansson-dev libmicrohttpd-dev
 libcriterion-dev
 nbdkit libnbd-bin python3-libnbd qemu-utils fio prometheus
+fuse3
 iproute2 procps util-linux python3
 "
 

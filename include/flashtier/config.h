@@ -8,7 +8,7 @@
  *     "reactors": 2,                           (optional; default = CPUs)
  *     "log_level": "info",                     (optional)
  *     "cache": { "path": PATH, "size": "8G",  (optional; absent = no cache)
- *                "reformat": false, "error_threshold": 16 },
+ *                "reformat": false, "error_threshold": 16, "state_file": PATH },
  *     "volumes": {
  *       "EXPORT": { "backing": PATH | "nbd://..." | "nbd+unix://...",
  *                   "readonly": false, "description": "...", "domain": "...",
@@ -76,6 +76,12 @@ struct ft_cache_config {
 	uint64_t size;            /* bytes to create a missing file with; 0 = existing size */
 	bool reformat;            /* overwrite whatever is on the device */
 	uint32_t error_threshold; /* device errors before a volume goes pass-through */
+	/*
+	 * Where to note, when the device itself cannot be written, that its
+	 * contents must not be trusted at the next start. Default:
+	 * /var/lib/flashtier/<absolute cache path, '/' as '-'>.state (off the device).
+	 */
+	char *state_file;
 };
 
 struct ft_config {

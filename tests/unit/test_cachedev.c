@@ -238,8 +238,18 @@ Test(cachedev, size_change_is_refused)
 	struct ft_cachedev *dev = open_ok(false);
 	char err[512];
 
+	struct stat st;
+
 	ft_cachedev_close(dev);
 	cr_assert_eq(ft_cachedev_open(path, DEV_BYTES * 2, false, &dev, err, sizeof(err)), -EINVAL);
+	cr_assert_not_null(strstr(err, "asks for"), "%s", err);
+	/* Refused means untouched: the file was not grown first. */
+	cr_assert_eq(stat(path, &st), 0);
+	cr_assert_eq((uint64_t)st.st_size, (uint64_t)DEV_BYTES);
+
+	/* A file resized behind the cache's back is refused too. */
+	cr_assert_eq(truncate(path, (off_t)DEV_BYTES * 2), 0);
+	cr_assert_eq(ft_cachedev_open(path, 0, false, &dev, err, sizeof(err)), -EINVAL);
 	cr_assert_not_null(strstr(err, "formatted for"), "%s", err);
 }
 

@@ -872,3 +872,219 @@ Test(config, find_volume)
 	cr_assert_null(ft_config_find_volume(cfg, "DISK0"));
 	ft_config_free(cfg);
 }
+
+/* ---- the cache device and per-volume cache policy ---- */
+
+/* A config with the top-level member @cache (may be "") and volume d's extra members @vol. */
+static void cache_json(char *out, size_t len, const char *cache, const char *vol)
+{
+	int n = snprintf(out, len, "{\"listen\": \"s\", %s \"volumes\": {\"d\": {\"backing\": \"f\"%s}}}",
+			 cache, vol);
+
+	cr_assert(n > 0 && (size_t)n < len, "test config does not fit");
+}
+
+#define CACHE_OK "\"cache\": {\"path\": \"/var/cache/ft.img\", \"size\": \"16M\"},"
+
+Test(config, cache_parsed)
+{
+	struct ft_config *cfg = parse_ok(
+		"{\"listen\": \"s\",\n"
+		" \"cache\": {\"path\": \"/dev/nvme0n1p3\", \"size\": \"16M\", \"reformat\": true,\n"
+		"             \"error_threshold\": 4},\n"
+		" \"volumes\": {\n"
+		"  \"dflt\": {\"backing\": \"a\"},\n"
+		"  \"wa\": {\"backing\": \"b\", \"cache\": {\"mode\": \"write-around\",\n"
+		"          \"sequential_cutoff\": \"4M\", \"quota\": \"25%\"}},\n"
+		"  \"wt\": {\"backing\": \"c\", \"cache\": {\"mode\": \"write-through\",\n"
+		"          \"sequential_cutoff\": 0, \"quota\": \"2G\"}},\n"
+		"  \"off\": {\"backing\": \"d\", \"cache\": {\"mode\": \"none\"}}}}",
+		false);
+
+	cr_assert(cfg->has_cache);
+	cr_assert_str_eq(cfg->cache.path, "/dev/nvme0n1p3");
+	cr_assert_eq(cfg->cache.size, 16ull << 20);
+	cr_assert_eq(cfg->cache.reformat, true);
+	cr_assert_eq(cfg->cache.error_threshold, 4);
+	/* With a cache, write-through is the default, with a 1 MiB cutoff and the whole cache. */
+	cr_assert_eq(cfg->volumes[0].policy.mode, FT_CACHE_WRITE_THROUGH);
+	cr_assert_eq(cfg->volumes[0].policy.sequential_cutoff, 1u << 20);
+	cr_assert_eq(cfg->volumes[0].policy.quota_bytes, 0);
+	cr_assert_eq(cfg->volumes[0].policy.quota_percent, 100);
+	cr_assert_eq(cfg->volumes[1].policy.mode, FT_CACHE_WRITE_AROUND);
+	cr_assert_eq(cfg->volumes[1].policy.sequential_cutoff, 4u << 20);
+	cr_assert_eq(cfg->volumes[1].policy.quota_bytes, 0);
+	cr_assert_eq(cfg->volumes[1].policy.quota_percent, 25);
+	cr_assert_eq(cfg->volumes[2].policy.mode, FT_CACHE_WRITE_THROUGH);
+	cr_assert_eq(cfg->volumes[2].policy.sequential_cutoff, 0);
+	cr_assert_eq(cfg->volumes[2].policy.quota_bytes, 2ull << 30);
+	cr_assert_eq(cfg->volumes[3].policy.mode, FT_CACHE_NONE);
+	ft_config_free(cfg);
+
+	/* Defaults of the device: no reformat, threshold 16; no size = use the existing file. */
+	cfg = parse_ok("{\"listen\": \"s\", \"cache\": {\"path\": \"c.img\"},"
+		       " \"volumes\": {\"d\": {\"backing\": \"f\"}}}",
+		       false);
+	cr_assert_eq(cfg->cache.size, 0);
+	cr_assert_eq(cfg->cache.reformat, false);
+	cr_assert_eq(cfg->cache.error_threshold, 16);
+	ft_config_free(cfg);
+
+	/* Without a cache, volumes are uncached; "none" is accepted there. */
+	cfg = parse_ok("{\"listen\": \"s\", \"volumes\": {\"d\": {\"backing\": \"f\"},"
+		       " \"e\": {\"backing\": \"g\", \"cache\": {\"mode\": \"none\"}}}}",
+		       false);
+	cr_assert_eq(cfg->has_cache, false);
+	cr_assert_eq(cfg->volumes[0].policy.mode, FT_CACHE_NONE);
+	cr_assert_eq(cfg->volumes[1].policy.mode, FT_CACHE_NONE);
+	ft_config_free(cfg);
+}
+
+Test(config, cache_mode_needs_cache_device)
+{
+	char json[512];
+
+	cache_json(json, sizeof(json), "", ", \"cache\": {\"mode\": \"write-through\"}");
+	expect_fail(json, false, "key 'volumes.d.cache.mode'", "needs a cache device", NULL);
+	cache_json(json, sizeof(json), "", ", \"cache\": {\"mode\": \"write-around\"}");
+	expect_fail(json, false, "key 'volumes.d.cache.mode'", "write-around",
+		    "needs a cache device", NULL);
+	/* An unknown mode, with or without a device. */
+	cache_json(json, sizeof(json), CACHE_OK, ", \"cache\": {\"mode\": \"write-back\"}");
+	expect_fail(json, false, "key 'volumes.d.cache.mode'", "write-back", NULL);
+	cache_json(json, sizeof(json), CACHE_OK, ", \"cache\": {\"mode\": 1}");
+	expect_fail(json, false, "key 'volumes.d.cache.mode'", "must be a string", NULL);
+	cache_json(json, sizeof(json), CACHE_OK, ", \"cache\": \"write-through\"");
+	expect_fail(json, false, "key 'volumes.d.cache'", "must be an object", NULL);
+}
+
+Test(config, cache_bad_quota)
+{
+	static const char *const bad[] = { "\"0%\"",  "\"101%\"", "\"abc\"", "\"-5%\"",
+					   "\"12.5%\"", "\"50%%\"", "\"%\"",    "\"\"",
+					   "\"512K\"", "0",	  "-1",	      "true",
+					   "\"1X\"" };
+	char json[512], vol[128];
+
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		snprintf(vol, sizeof(vol), ", \"cache\": {\"quota\": %s}", bad[i]);
+		cache_json(json, sizeof(json), CACHE_OK, vol);
+		expect_fail(json, false, "key 'volumes.d.cache.quota'", NULL);
+	}
+	/* The boundaries themselves are fine. */
+	{
+		static const char *const good[] = { "\"1%\"", "\"100%\"", "\"1M\"", "1048576" };
+
+		for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+			struct ft_config *cfg;
+
+			snprintf(vol, sizeof(vol), ", \"cache\": {\"quota\": %s}", good[i]);
+			cache_json(json, sizeof(json), CACHE_OK, vol);
+			cfg = parse_ok(json, false);
+			ft_config_free(cfg);
+		}
+	}
+}
+
+Test(config, cache_bad_sizes)
+{
+	char json[512];
+
+	cache_json(json, sizeof(json), "\"cache\": {\"path\": \"c\", \"size\": \"1M\"},", "");
+	expect_fail(json, false, "key 'cache.size'", "at least 2M", NULL);
+	cache_json(json, sizeof(json), "\"cache\": {\"path\": \"c\", \"size\": 1000},", "");
+	expect_fail(json, false, "key 'cache.size'", "at least 2M", NULL);
+	cache_json(json, sizeof(json), "\"cache\": {\"path\": \"c\", \"size\": \"16Q\"},", "");
+	expect_fail(json, false, "key 'cache.size'", NULL);
+	cache_json(json, sizeof(json), "\"cache\": {\"path\": \"c\", \"size\": \"\"},", "");
+	expect_fail(json, false, "key 'cache.size'", NULL);
+	cache_json(json, sizeof(json), "\"cache\": {\"path\": \"c\", \"size\": -16},", "");
+	expect_fail(json, false, "key 'cache.size'", NULL);
+	cache_json(json, sizeof(json), "\"cache\": {\"path\": \"c\", \"size\": 1.5},", "");
+	expect_fail(json, false, "key 'cache.size'", NULL);
+	cache_json(json, sizeof(json), CACHE_OK, ", \"cache\": {\"sequential_cutoff\": \"1 M\"}");
+	expect_fail(json, false, "key 'volumes.d.cache.sequential_cutoff'", NULL);
+	cache_json(json, sizeof(json), CACHE_OK, ", \"cache\": {\"sequential_cutoff\": -1}");
+	expect_fail(json, false, "key 'volumes.d.cache.sequential_cutoff'", NULL);
+}
+
+Test(config, cache_bad_device_members)
+{
+	char json[512];
+
+	cache_json(json, sizeof(json), "\"cache\": {\"path\": \"c\", \"sizee\": \"16M\"},", "");
+	expect_fail(json, false, "key 'cache.sizee'", "unknown key", NULL);
+	cache_json(json, sizeof(json), CACHE_OK, ", \"cache\": {\"quotaa\": \"5%\"}");
+	expect_fail(json, false, "key 'volumes.d.cache.quotaa'", "unknown key", NULL);
+	cache_json(json, sizeof(json), "\"cache\": {\"size\": \"16M\"},", "");
+	expect_fail(json, false, "key 'cache.path'", "is required", NULL);
+	cache_json(json, sizeof(json), "\"cache\": {\"path\": \"\"},", "");
+	expect_fail(json, false, "key 'cache.path'", NULL);
+	cache_json(json, sizeof(json), "\"cache\": \"/var/cache.img\",", "");
+	expect_fail(json, false, "key 'cache'", "must be an object", NULL);
+	cache_json(json, sizeof(json), "\"cache\": {\"path\": \"c\", \"reformat\": \"yes\"},", "");
+	expect_fail(json, false, "key 'cache.reformat'", "true or false", NULL);
+	cache_json(json, sizeof(json), "\"cache\": {\"path\": \"c\", \"error_threshold\": 0},", "");
+	expect_fail(json, false, "key 'cache.error_threshold'", NULL);
+	cache_json(json, sizeof(json),
+		   "\"cache\": {\"path\": \"c\", \"error_threshold\": 1000001},", "");
+	expect_fail(json, false, "key 'cache.error_threshold'", NULL);
+	cache_json(json, sizeof(json), "\"cache\": {\"path\": \"c\", \"error_threshold\": \"4\"},",
+		   "");
+	expect_fail(json, false, "key 'cache.error_threshold'", NULL);
+}
+
+Test(config, cache_path_checks)
+{
+	char dir[64], file[128], missing[128], cache[512], json[1024];
+	struct ft_config *cfg;
+
+	make_dir(dir, sizeof(dir));
+	snprintf(file, sizeof(file), "%s/cache.img", dir);
+	snprintf(missing, sizeof(missing), "%s/nope.img", dir);
+	write_file(file, "", 0, 0644);
+
+	/* A missing file without a size: nothing to create it with. */
+	snprintf(cache, sizeof(cache), "\"cache\": {\"path\": \"%s\"},", missing);
+	snprintf(json, sizeof(json),
+		 "{\"listen\": \"s\", %s \"volumes\": {\"d\": {\"backing\": \"%s\"}}}", cache,
+		 file);
+	expect_fail(json, true, "key 'cache.path'", missing, "size", NULL);
+	/* ...nor is it checked without check_paths. */
+	cfg = parse_ok(json, false);
+	ft_config_free(cfg);
+
+	/* With a size it will be created. */
+	snprintf(cache, sizeof(cache), "\"cache\": {\"path\": \"%s\", \"size\": \"16M\"},",
+		 missing);
+	snprintf(json, sizeof(json),
+		 "{\"listen\": \"s\", %s \"volumes\": {\"d\": {\"backing\": \"%s\"}}}", cache,
+		 file);
+	cfg = parse_ok(json, true);
+	cr_assert_str_eq(cfg->cache.path, missing);
+	ft_config_free(cfg);
+	cr_assert_eq(access(missing, F_OK), -1, "validation created the cache file");
+
+	/* An existing file is fine without a size. */
+	snprintf(cache, sizeof(cache), "\"cache\": {\"path\": \"%s\"},", file);
+	snprintf(json, sizeof(json),
+		 "{\"listen\": \"s\", %s \"volumes\": {\"d\": {\"backing\": \"%s\"}}}", cache,
+		 file);
+	cfg = parse_ok(json, true);
+	ft_config_free(cfg);
+
+	/* A directory or a character device is not a cache device. */
+	snprintf(cache, sizeof(cache), "\"cache\": {\"path\": \"%s\", \"size\": \"16M\"},", dir);
+	snprintf(json, sizeof(json),
+		 "{\"listen\": \"s\", %s \"volumes\": {\"d\": {\"backing\": \"%s\"}}}", cache,
+		 file);
+	expect_fail(json, true, "key 'cache.path'", dir, "not a regular file or block device",
+		    NULL);
+	snprintf(json, sizeof(json),
+		 "{\"listen\": \"s\", \"cache\": {\"path\": \"/dev/null\"},"
+		 " \"volumes\": {\"d\": {\"backing\": \"%s\"}}}",
+		 file);
+	expect_fail(json, true, "key 'cache.path'", "/dev/null",
+		    "not a regular file or block device", NULL);
+	rm_rf(dir);
+}
