@@ -411,14 +411,25 @@ void ft_cachedir_restore_done(struct ft_cachedir *d)
 uint32_t ft_cachedir_evict_volume(struct ft_cachedir *d, uint16_t vol, uint32_t *hand,
 				  ft_cache_key *victim)
 {
-	/* CLOCK over the slot array: each of the volume's blocks spends its counter first. */
-	for (uint64_t guard = 4ull * d->nslots; guard; guard--) {
+	bool any = false;
+
+	if (*hand >= d->nslots)
+		*hand = 0;
+	/*
+	 * CLOCK over the slot array: each of the volume's blocks spends its
+	 * counter (at most 3) first, so four turns always find one if there is
+	 * one; one turn without a candidate means there is none.
+	 */
+	for (uint64_t step = 0; step < 4ull * d->nslots; step++) {
 		uint32_t s = *hand;
 
+		if (step == d->nslots && !any)
+			break;
 		*hand = s + 1 < d->nslots ? s + 1 : 0;
 		if ((d->state[s] & (ST_USED | ST_PINNED)) != ST_USED ||
 		    FT_CACHE_KEY_VOLUME(d->key[s]) != vol)
 			continue;
+		any = true;
 		if (freq(d, s) > 0) {
 			set_freq(d, s, freq(d, s) - 1);
 			continue;

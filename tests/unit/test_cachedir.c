@@ -205,6 +205,131 @@ Test(cachedir, remove_frees_the_slot)
 	ft_cachedir_destroy(d);
 }
 
+Test(cachedir, restore_then_insert)
+{
+	const uint32_t n = 64;
+	struct ft_cachedir *d = mk(n);
+	bool restored[64] = { false }, seen[64] = { false };
+	uint32_t count = 0;
+	bool ev;
+	ft_cache_key v;
+
+	/* A warm restart puts every third slot back, keys of volume 2. */
+	for (uint32_t s = 0; s < n; s += 3) {
+		ft_cachedir_restore(d, s, FT_CACHE_KEY(2, 1000 + s));
+		restored[s] = true;
+		count++;
+	}
+	ft_cachedir_restore_done(d);
+	cr_assert_eq(ft_cachedir_used(d), count);
+	for (uint32_t s = 0; s < n; s += 3) {
+		cr_assert_eq(ft_cachedir_find(d, FT_CACHE_KEY(2, 1000 + s)), s);
+		cr_assert_eq(ft_cachedir_key(d, s), FT_CACHE_KEY(2, 1000 + s));
+	}
+	cr_assert_eq(ft_cachedir_find(d, FT_CACHE_KEY(2, 1001)), FT_CACHEDIR_NONE);
+	/* The free list gives exactly the other slots, in slot order, with no eviction. */
+	for (uint32_t i = 0, last = 0; i < n - count; i++) {
+		uint32_t s = ft_cachedir_insert(d, FT_CACHE_KEY(1, i), &ev, &v);
+
+		cr_assert_lt(s, n);
+		cr_assert_not(ev, "insert %u evicted with free slots left", i);
+		cr_assert_not(restored[s], "slot %u of a restored block handed out", s);
+		cr_assert_not(seen[s], "slot %u handed out twice", s);
+		cr_assert(i == 0 || s > last, "free slots not in slot order: %u after %u", s, last);
+		seen[s] = true;
+		last = s;
+	}
+	cr_assert_eq(ft_cachedir_used(d), n);
+	for (uint32_t s = 0; s < n; s += 3)
+		cr_assert_eq(ft_cachedir_lookup(d, FT_CACHE_KEY(2, 1000 + s)), s);
+	/* Full now: inserts evict, and restored blocks (main FIFO) outlive one-time ones. */
+	for (uint32_t i = 0; i < 100; i++) {
+		uint32_t s = ft_cachedir_insert(d, FT_CACHE_KEY(3, i), &ev, &v);
+
+		cr_assert_neq(s, FT_CACHEDIR_NONE);
+		cr_assert(ev);
+		cr_assert_eq(ft_cachedir_find(d, v), FT_CACHEDIR_NONE);
+		cr_assert_neq(FT_CACHE_KEY_VOLUME(v), 2, "restored block %llx evicted by a scan",
+			      (unsigned long long)v);
+	}
+	for (uint32_t s = 0; s < n; s += 3)
+		cr_assert_eq(ft_cachedir_find(d, FT_CACHE_KEY(2, 1000 + s)), s);
+	ft_cachedir_destroy(d);
+}
+
+Test(cachedir, restore_of_an_empty_cache)
+{
+	struct ft_cachedir *d = mk(10);
+	bool ev;
+	ft_cache_key v;
+
+	ft_cachedir_restore_done(d);
+	cr_assert_eq(ft_cachedir_used(d), 0);
+	for (uint32_t i = 0; i < 10; i++) {
+		cr_assert_eq(ft_cachedir_insert(d, FT_CACHE_KEY(1, i), &ev, &v), i);
+		cr_assert_not(ev);
+	}
+	ft_cachedir_destroy(d);
+}
+
+Test(cachedir, evict_volume)
+{
+	const uint32_t n = 40;
+	struct ft_cachedir *d = mk(n);
+	uint32_t hand = 0, order[20], nev = 0, s;
+	bool gone[20] = { false }, ev;
+	ft_cache_key v;
+
+	/* Volumes 1 and 2 alternate: volume 1's block b is in slot 2b. */
+	for (uint32_t b = 0; b < 20; b++) {
+		cr_assert_eq(put(d, FT_CACHE_KEY(1, b)), 2 * b);
+		put(d, FT_CACHE_KEY(2, b));
+	}
+	ft_cachedir_pin(d, 0, true); /* volume 1, block 0 */
+	for (uint32_t b = 1; b <= 8; b++)
+		cr_assert_eq(ft_cachedir_lookup(d, FT_CACHE_KEY(1, b)), 2 * b);
+	cr_assert_eq(ft_cachedir_evict_volume(d, 3, &hand, &v), FT_CACHEDIR_NONE,
+		     "a volume with no blocks gave a victim");
+	while ((s = ft_cachedir_evict_volume(d, 1, &hand, &v)) != FT_CACHEDIR_NONE) {
+		uint32_t b = (uint32_t)FT_CACHE_KEY_BLOCK(v);
+
+		cr_assert_lt(nev, 19, "more victims than evictable blocks");
+		cr_assert_eq(FT_CACHE_KEY_VOLUME(v), 1, "victim %llx of another volume",
+			     (unsigned long long)v);
+		cr_assert_neq(b, 0, "pinned block evicted");
+		cr_assert_not(gone[b], "block %u evicted twice", b);
+		cr_assert_eq(s, 2 * b, "victim's slot");
+		cr_assert_eq(ft_cachedir_find(d, v), FT_CACHEDIR_NONE);
+		cr_assert_lt(hand, n);
+		gone[b] = true;
+		order[nev++] = b;
+		cr_assert_eq(ft_cachedir_used(d), n - nev);
+	}
+	cr_assert_eq(nev, 19, "%u victims: every unpinned block of volume 1", nev);
+	/* Blocks never read since they were filled go first; the 8 read ones get a second turn. */
+	for (uint32_t i = 0; i < 11; i++)
+		cr_assert_geq(order[i], 9, "victim %u was block %u, read recently", i, order[i]);
+	cr_assert_eq(ft_cachedir_find(d, FT_CACHE_KEY(1, 0)), 0);
+	for (uint32_t b = 0; b < 20; b++)
+		cr_assert_eq(ft_cachedir_find(d, FT_CACHE_KEY(2, b)), 2 * b + 1,
+			     "volume 2's block %u lost", b);
+	/* The freed slots are taken by inserts, without evicting anything. */
+	for (uint32_t i = 0; i < 19; i++) {
+		s = ft_cachedir_insert(d, FT_CACHE_KEY(3, i), &ev, &v);
+		cr_assert_neq(s, FT_CACHEDIR_NONE);
+		cr_assert_not(ev, "insert %u evicted with free slots left", i);
+		cr_assert_eq(s % 2, 0, "slot %u was not one volume 1 gave up", s);
+	}
+	cr_assert_eq(ft_cachedir_used(d), n);
+	put(d, FT_CACHE_KEY(3, 100)); /* full again: evicts */
+	/* Only a pinned block left: none. */
+	cr_assert_eq(ft_cachedir_evict_volume(d, 1, &hand, &v), FT_CACHEDIR_NONE);
+	ft_cachedir_pin(d, 0, false);
+	cr_assert_eq(ft_cachedir_evict_volume(d, 1, &hand, &v), 0);
+	cr_assert_eq(v, FT_CACHE_KEY(1, 0));
+	ft_cachedir_destroy(d);
+}
+
 /* Random operations against a reference model: one slot per key, one key per slot. */
 Test(cachedir, random_operations_match_a_model)
 {
@@ -212,7 +337,7 @@ Test(cachedir, random_operations_match_a_model)
 	struct ft_cachedir *d = mk(n);
 	uint32_t *slot_of = malloc(universe * sizeof(*slot_of));
 	int64_t owner[257];
-	uint32_t present = 0;
+	uint32_t present = 0, hands[3] = { 0, 0, 0 };
 
 	cr_assert_not_null(slot_of);
 	for (uint32_t k = 0; k < universe; k++)
@@ -255,11 +380,28 @@ Test(cachedir, random_operations_match_a_model)
 				slot_of[k] = FT_CACHEDIR_NONE;
 				present--;
 			}
-		} else { /* pin or unpin something present */
+		} else if (op < 9) { /* unpin something present */
 			uint32_t s = ft_cachedir_find(d, key);
 
 			if (s != FT_CACHEDIR_NONE)
 				ft_cachedir_pin(d, s, false);
+		} else { /* a quota evicts one block of the key's volume */
+			ft_cache_key v = 0;
+			uint32_t s = ft_cachedir_evict_volume(d, k % 3, &hands[k % 3], &v);
+
+			if (s != FT_CACHEDIR_NONE) {
+				uint32_t vk = (uint32_t)FT_CACHE_KEY_BLOCK(v);
+
+				cr_assert_eq(FT_CACHE_KEY_VOLUME(v), k % 3);
+				cr_assert_eq(slot_of[vk], s, "quota victim was not in its slot");
+				owner[s] = -1;
+				slot_of[vk] = FT_CACHEDIR_NONE;
+				present--;
+			} else {
+				for (uint32_t j = k % 3; j < universe; j += 3)
+					cr_assert_eq(slot_of[j], FT_CACHEDIR_NONE,
+						     "no quota victim, but key %u is cached", j);
+			}
 		}
 		cr_assert_eq(ft_cachedir_used(d), present);
 	}
@@ -359,6 +501,55 @@ Test(admission, interleaved_streams_are_each_followed)
 	for (unsigned s = 0; s < FT_SEQ_STREAMS; s++)
 		cr_assert_eq(bypassed[s], (3u << 20) / 4096, "stream %u: %u blocks bypassed", s,
 			     bypassed[s]);
+}
+
+/* A backup reading while the VM does random I/O: the random requests do not hide the stream. */
+Test(admission, stream_interleaved_with_random_requests_bypasses)
+{
+	struct ft_seqdetect sd;
+	uint64_t admitted = 0, random_bypassed = 0;
+
+	ft_seqdetect_init(&sd, 1u << 20);
+	/* 4 KiB requests: 64 in a row, then 256 random ones, 32 MiB in all. */
+	for (uint64_t off = 0; off < (32u << 20); off += 4096) {
+		admitted += ft_seqdetect_admit(&sd, (1ull << 40) + off, 4096) ? 4096 : 0;
+		if ((off / 4096) % 64 == 63)
+			for (int i = 0; i < 256; i++)
+				random_bypassed +=
+					!ft_seqdetect_admit(&sd, (rnd() % (1u << 24)) * 4096, 4096);
+	}
+	cr_assert_eq(admitted, 1u << 20, "admitted %llu bytes of the stream",
+		     (unsigned long long)admitted);
+	cr_assert_eq(random_bypassed, 0);
+	/* 256 KiB requests, each after 300 random ones. */
+	admitted = 0;
+	for (uint64_t off = 0; off < (32u << 20); off += 256 << 10) {
+		admitted += ft_seqdetect_admit(&sd, (2ull << 40) + off, 256 << 10) ? 256 << 10 : 0;
+		for (int i = 0; i < 300; i++)
+			random_bypassed += !ft_seqdetect_admit(&sd, (rnd() % (1u << 24)) * 4096, 4096);
+	}
+	cr_assert_eq(admitted, 1u << 20, "admitted %llu bytes of the large-request stream",
+		     (unsigned long long)admitted);
+	cr_assert_eq(random_bypassed, 0);
+}
+
+Test(admission, finished_streams_give_way)
+{
+	struct ft_seqdetect sd;
+	uint64_t admitted = 0;
+
+	ft_seqdetect_init(&sd, 1u << 20);
+	/* Every entry holds a stream that then stops... */
+	for (unsigned s = 0; s < FT_SEQ_STREAMS; s++)
+		for (uint64_t off = 0; off < (2u << 20); off += 65536)
+			ft_seqdetect_admit(&sd, ((uint64_t)s << 32) + off, 65536);
+	/* ...and after FT_SEQ_IDLE other requests a new stream is followed again. */
+	for (unsigned i = 0; i <= FT_SEQ_IDLE; i++)
+		cr_assert(ft_seqdetect_admit(&sd, (rnd() % (1u << 24)) * 4096, 4096));
+	for (uint64_t off = 0; off < (8u << 20); off += 4096)
+		admitted += ft_seqdetect_admit(&sd, (1ull << 40) + off, 4096) ? 4096 : 0;
+	cr_assert_eq(admitted, 1u << 20, "admitted %llu bytes of a new 8 MiB stream",
+		     (unsigned long long)admitted);
 }
 
 Test(admission, cutoff_zero_disables)
