@@ -32,6 +32,7 @@ struct cache_op {
 	struct ft_bio child; /* to the backing store */
 	struct cache_waiter wait;
 	struct cache_op *wprev, *wnext; /* the volume's in-flight writes */
+	struct cache_op *qnext;          /* the volume's queued writes */
 	bool overlapped;                 /* another write to the same blocks was in flight */
 	bool admit;
 	uint32_t pending;
@@ -46,6 +47,9 @@ struct cache_op {
 	/* Miss path: slots being filled, FT_CACHEDIR_NONE where none. */
 	uint32_t nfills;
 	uint32_t *fill_slots;
+	/* Write-through: the fills carrying this write's data. */
+	struct cache_fill **wt_fills;
+	uint32_t nwt;
 };
 
 struct cache_fill {
@@ -53,6 +57,9 @@ struct cache_fill {
 	struct cache_vol *v;
 	uint32_t slot;
 	uint32_t crc;
+	/* A write-through fill ends when both its device write and the store's write are done. */
+	bool write_through, dev_done, store_done;
+	int dev_error, store_error;
 };
 
 static inline struct cache_vol *to_vol(struct ft_backend *b)
@@ -87,6 +94,11 @@ static void device_error(struct cache_vol *v, const char *what, int err)
 }
 
 /* ---- slots ---- */
+
+static bool readable(uint8_t state)
+{
+	return state == SLOT_VALID || state == SLOT_PENDING;
+}
 
 /* Unmap a VALID block: its record must be rewritten (empty) before a write passes it. */
 static void unmap_valid(struct cache_part *p, uint32_t slot, ft_cache_key key)
@@ -148,15 +160,15 @@ static uint32_t alloc_slot(struct cache_vol *v, ft_cache_key key)
 	return slot;
 }
 
-static void fill_end_io(struct ft_bio *bio, int error)
+/* Both halves of a fill are done: the block becomes VALID, or goes. */
+static void fill_finish(struct cache_fill *f)
 {
-	struct cache_fill *f = (struct cache_fill *)bio;
 	struct cache_vol *v = f->v;
 	struct cache_part *p = v->part;
+	uint8_t st = p->state[f->slot];
 
-	if (error)
-		device_error(v, "write", error);
-	if (error || p->state[f->slot] != SLOT_FILLING || v->passthrough) {
+	if (f->dev_error || f->store_error || (st != SLOT_FILLING && st != SLOT_PENDING) ||
+	    v->passthrough) {
 		drop_fill(p, f->slot);
 	} else {
 		ft_cachedir_pin(p->dir, f->slot, false);
@@ -171,22 +183,54 @@ static void fill_end_io(struct ft_bio *bio, int error)
 	part_io_put(p);
 }
 
-/* Write @data (one block, copied) into FILLING @slot. */
-static void fill_start(struct cache_vol *v, uint32_t slot, const void *data)
+static void fill_end_io(struct ft_bio *bio, int error)
+{
+	struct cache_fill *f = (struct cache_fill *)bio;
+	struct cache_vol *v = f->v;
+	struct cache_part *p = v->part;
+
+	f->dev_done = true;
+	f->dev_error = error;
+	if (error)
+		device_error(v, "write", error);
+	if (f->write_through && !f->store_done) {
+		/* Readable while the write travels on; its record waits for the store. */
+		if (!error && p->state[f->slot] == SLOT_FILLING && !v->passthrough) {
+			p->crc[f->slot] = f->crc;
+			p->state[f->slot] = SLOT_PENDING;
+		}
+		return;
+	}
+	fill_finish(f);
+}
+
+/* The store acknowledged (or failed) the write a write-through fill carries. */
+static void fill_store_done(struct cache_fill *f, int error)
+{
+	f->store_done = true;
+	f->store_error = error;
+	if (f->dev_done)
+		fill_finish(f);
+}
+
+/* Write @data (one block, copied) into FILLING @slot. Returns the fill, or NULL (dropped). */
+static struct cache_fill *fill_start(struct cache_vol *v, uint32_t slot, const void *data,
+				     bool write_through)
 {
 	struct cache_part *p = v->part;
-	struct cache_fill *f = malloc(sizeof(*f));
+	struct cache_fill *f = calloc(1, sizeof(*f));
 	void *buf = NULL;
 
 	if (!f || posix_memalign(&buf, BLK, BLK) != 0) {
 		free(f);
 		drop_fill(p, slot);
-		return;
+		return NULL;
 	}
 	memcpy(buf, data, BLK);
 	f->v = v;
 	f->slot = slot;
 	f->crc = ft_crc32c(0, buf, BLK);
+	f->write_through = write_through;
 	f->bio.op = FT_BIO_WRITE;
 	f->bio.flags = 0;
 	f->bio.offset = slot_offset(p, slot);
@@ -196,6 +240,7 @@ static void fill_start(struct cache_vol *v, uint32_t slot, const void *data)
 	p->fills_inflight++;
 	part_io_get(p);
 	ft_bio_submit(p->dev, &f->bio);
+	return f;
 }
 
 /* ---- ops ---- */
@@ -204,7 +249,7 @@ static struct cache_op *op_new(struct cache_vol *v, struct ft_bio *parent, uint3
 			       bool hit_arrays)
 {
 	/* A hit may turn into a miss (checksum, device error): fill slots always fit. */
-	size_t extra = (size_t)nblocks * sizeof(uint32_t);
+	size_t extra = (size_t)nblocks * (sizeof(uint32_t) + sizeof(struct cache_fill *));
 	struct cache_op *op;
 
 	if (hit_arrays)
@@ -223,6 +268,7 @@ static struct cache_op *op_new(struct cache_vol *v, struct ft_bio *parent, uint3
 	} else {
 		op->fill_slots = (uint32_t *)(op + 1);
 	}
+	op->wt_fills = (struct cache_fill **)(op->fill_slots + nblocks);
 	return op;
 }
 
@@ -263,7 +309,8 @@ static void miss_end_io(struct ft_bio *bio, int error)
 			continue;
 		}
 		fill_start(v, slot,
-			   (const char *)op->parent->buf + ((first + i) * BLK - op->parent->offset));
+			   (const char *)op->parent->buf + ((first + i) * BLK - op->parent->offset),
+			   false);
 	}
 	part_io_put(p);
 	op_finish(op, error);
@@ -332,14 +379,18 @@ static void hit_done(struct cache_op *op)
 		 * The slot may have been reused since the read was sent (an
 		 * invalidation, then a fill): that is a race, not corruption.
 		 */
-		if (ft_cachedir_find(p->dir, key) == slot && p->state[slot] == SLOT_VALID &&
+		if (ft_cachedir_find(p->dir, key) == slot && readable(p->state[slot]) &&
 		    p->crc[slot] == op->crcs[i]) {
 			ft_stat_add(&v->stats->checksum_errors, 1);
 			ft_warn("volume '%s': cached block %llu failed its checksum; reading the "
 				"backing store",
 				v->cfg->name, (unsigned long long)(b0 + i));
-			ft_cachedir_remove(p->dir, key);
-			unmap_valid(p, slot, key);
+			if (p->state[slot] == SLOT_VALID) {
+				ft_cachedir_remove(p->dir, key);
+				unmap_valid(p, slot, key);
+			} else {
+				p->state[slot] = SLOT_STALE; /* PENDING: its fill will drop it */
+			}
 		}
 	}
 	if (bad) {
@@ -384,7 +435,7 @@ static void vol_read(struct cache_vol *v, struct ft_bio *bio)
 	for (uint64_t b = b0; hit && b < b1; b++) {
 		uint32_t s = ft_cachedir_lookup(p->dir, FT_CACHE_KEY(v->id, b));
 
-		hit = s != FT_CACHEDIR_NONE && p->state[s] == SLOT_VALID;
+		hit = s != FT_CACHEDIR_NONE && readable(p->state[s]);
 	}
 	op = op_new(v, bio, n, hit);
 	if (!op) {
@@ -502,11 +553,12 @@ static void vol_prefetch(struct cache_vol *v, struct ft_bio *bio)
 
 /* ---- writes ---- */
 
+static void run_queue(struct cache_vol *v);
+
 static void write_end_io(struct ft_bio *bio, int error)
 {
 	struct cache_op *op = (struct cache_op *)((char *)bio - offsetof(struct cache_op, child));
 	struct cache_vol *v = op->v;
-	struct ft_bio *parent = op->parent;
 
 	if (op->wprev)
 		op->wprev->wnext = op->wnext;
@@ -515,28 +567,13 @@ static void write_end_io(struct ft_bio *bio, int error)
 	if (op->wnext)
 		op->wnext->wprev = op->wprev;
 
-	/* Write-through: the store has the data now; copy the whole blocks into the cache. */
-	if (!error && parent->op == FT_BIO_WRITE && v->policy.mode == FT_CACHE_WRITE_THROUGH &&
-	    op->admit && !op->overlapped && !v->passthrough) {
-		struct cache_part *p = v->part;
-		uint64_t off = parent->offset, end = off + parent->len;
-		uint64_t first = (off + BLK - 1) / BLK, last = end / BLK;
-
-		if (last > v->nblocks)
-			last = v->nblocks;
-		for (uint64_t b = first; b < last && p->fills_inflight < MAX_FILL_BLOCKS; b++) {
-			ft_cache_key key = FT_CACHE_KEY(v->id, b);
-			uint32_t slot;
-
-			if (ft_cachedir_find(p->dir, key) != FT_CACHEDIR_NONE)
-				continue;
-			slot = alloc_slot(v, key);
-			if (slot != FT_CACHEDIR_NONE)
-				fill_start(v, slot, (const char *)parent->buf + (b * BLK - off));
-		}
-	}
+	/* Write-through: the fills carrying this write's data may become VALID now. */
+	for (uint32_t i = 0; i < op->nwt; i++)
+		fill_store_done(op->wt_fills[i], error);
 	part_io_put(v->part);
 	op_finish(op, error);
+	if (v->queued)
+		run_queue(v);
 }
 
 static void write_submit(struct cache_op *op)
@@ -587,6 +624,7 @@ static bool invalidate(struct cache_vol *v, uint64_t b0, uint64_t b1)
 			wait = true;
 			break;
 		case SLOT_FILLING:
+		case SLOT_PENDING:
 			p->state[s] = SLOT_STALE;
 			/* Its record was never written, but an evicted one of the key may be. */
 			__attribute__((fallthrough));
@@ -598,18 +636,24 @@ static bool invalidate(struct cache_vol *v, uint64_t b0, uint64_t b1)
 	return wait;
 }
 
-static void vol_write(struct cache_vol *v, struct ft_bio *bio)
+/* Do two requests touch a common 4 KiB block? */
+static bool blocks_overlap(const struct ft_bio *a, const struct ft_bio *b)
 {
-	uint64_t off = bio->offset, end = off + bio->len;
-	struct cache_op *op = op_new(v, bio, 0, false);
+	uint64_t a0 = a->offset / BLK, a1 = (a->offset + a->len + BLK - 1) / BLK;
+	uint64_t b0 = b->offset / BLK, b1 = (b->offset + b->len + BLK - 1) / BLK;
 
-	if (!op) {
-		/* Without an op the write cannot be ordered after invalidation: fail it. */
-		bio->end_io(bio, -ENOMEM);
-		return;
-	}
-	op->child.offset = off;
-	op->child.len = bio->len;
+	return a0 < b1 && b0 < a1;
+}
+
+/* Send @op on its way: it overlaps no write in flight (see vol_write()). */
+static void write_start(struct cache_op *op)
+{
+	struct cache_vol *v = op->v;
+	struct ft_bio *bio = op->parent;
+	uint64_t off = bio->offset, end = off + bio->len;
+	uint64_t first = (off + BLK - 1) / BLK, last = end / BLK; /* whole blocks written */
+	bool wait;
+
 	for (struct cache_op *w = v->writes; w; w = w->wnext) {
 		if (w->child.offset < end && off < w->child.offset + w->child.len) {
 			w->overlapped = true;
@@ -620,15 +664,108 @@ static void vol_write(struct cache_vol *v, struct ft_bio *bio)
 	if (v->writes)
 		v->writes->wprev = op;
 	v->writes = op;
-	op->admit = bio->op == FT_BIO_WRITE && (v->policy.sequential_cutoff == 0 ||
-						ft_seqdetect_admit(&v->seq, off, bio->len));
 	part_io_get(v->part);
-	if (invalidate(v, off / BLK, (end + BLK - 1) / BLK)) {
+	wait = invalidate(v, off / BLK, (end + BLK - 1) / BLK);
+	if (op->wt_fills && op->admit && !op->overlapped && !v->passthrough) {
+		struct cache_part *p = v->part;
+
+		if (last > v->nblocks)
+			last = v->nblocks;
+		for (uint64_t b = first; b < last && p->fills_inflight < MAX_FILL_BLOCKS; b++) {
+			ft_cache_key key = FT_CACHE_KEY(v->id, b);
+			struct cache_fill *f;
+			uint32_t slot;
+
+			if (ft_cachedir_find(p->dir, key) != FT_CACHEDIR_NONE)
+				continue;
+			slot = alloc_slot(v, key);
+			if (slot == FT_CACHEDIR_NONE)
+				break;
+			f = fill_start(v, slot, (const char *)bio->buf + (b * BLK - off), true);
+			if (f)
+				op->wt_fills[op->nwt++] = f;
+		}
+	}
+	if (wait) {
 		op->wait.fn = write_waited;
 		part_wait_round(v->part, &op->wait);
 		return;
 	}
 	write_submit(op);
+}
+
+/* May queued @op start: no write in flight, nor one queued before it, touches its blocks? */
+static bool write_blocked(const struct cache_vol *v, const struct cache_op *op)
+{
+	for (const struct cache_op *w = v->writes; w; w = w->wnext)
+		if (blocks_overlap(&w->child, op->parent))
+			return true;
+	for (const struct cache_op *q = v->queued; q != op; q = q->qnext)
+		if (blocks_overlap(q->parent, op->parent))
+			return true;
+	return false;
+}
+
+/* Start the queued writes that are free to go, oldest first. */
+static void run_queue(struct cache_vol *v)
+{
+	if (v->queue_running) {
+		v->queue_again = true; /* a write completed inside write_start() below */
+		return;
+	}
+	v->queue_running = true;
+	do {
+		struct cache_op **pp = &v->queued;
+
+		v->queue_again = false;
+		while (*pp) {
+			struct cache_op *op = *pp;
+
+			if (write_blocked(v, op)) {
+				pp = &op->qnext;
+				continue;
+			}
+			*pp = op->qnext;
+			write_start(op);
+			v->queue_again = true; /* the queue may have changed under us: rescan */
+			break;
+		}
+	} while (v->queue_again);
+	v->queue_running = false;
+}
+
+/*
+ * Writes to the same 4 KiB blocks run one after the other, in arrival
+ * order (the NBD protocol lets a server order concurrent requests as it
+ * likes). So the store's final content is always the last write's, and a
+ * write-through cache may keep it: without this, a block written again
+ * while a write to it is in flight could not be cached at all, and the
+ * hottest blocks of a busy VM are exactly those.
+ */
+static void vol_write(struct cache_vol *v, struct ft_bio *bio)
+{
+	uint64_t off = bio->offset, end = off + bio->len;
+	uint64_t first = (off + BLK - 1) / BLK, last = end / BLK; /* whole blocks written */
+	bool wt = bio->op == FT_BIO_WRITE && v->policy.mode == FT_CACHE_WRITE_THROUGH;
+	uint32_t nwt = wt && last > first ? (uint32_t)(last - first) : 0;
+	struct cache_op *op = op_new(v, bio, nwt, false), **pp;
+
+	if (!op) {
+		/* Without an op the write cannot be ordered after invalidation: fail it. */
+		bio->end_io(bio, -ENOMEM);
+		return;
+	}
+	if (!nwt)
+		op->wt_fills = NULL;
+	op->child.offset = off;
+	op->child.len = bio->len;
+	/* Admission sees writes in arrival order, queued or not. */
+	op->admit = bio->op == FT_BIO_WRITE && (v->policy.sequential_cutoff == 0 ||
+						ft_seqdetect_admit(&v->seq, off, bio->len));
+	for (pp = &v->queued; *pp; pp = &(*pp)->qnext)
+		;
+	*pp = op;
+	run_queue(v);
 }
 
 /* ---- the backend table ---- */

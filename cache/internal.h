@@ -14,6 +14,12 @@
  *   STALE    a FILLING slot that a WRITE, TRIM or WRITE_ZEROES overlapped:
  *            the fill in flight may hold old data; when it ends, the slot
  *            is freed instead of becoming VALID. Not readable.
+ *   PENDING  a write-through WRITE's new data, on the device while the
+ *            WRITE is still on its way to the backing store. Readable (a read
+ *            concurrent with a write may return the new data), pinned, its
+ *            record still empty: it becomes VALID only once the store has
+ *            acknowledged the write, so no record ever vouches for data the
+ *            store may not have.
  *   VALID    readable; its record (key, crc) goes to disk with the next
  *            write of its record page.
  *
@@ -34,10 +40,14 @@
  * Fill races: a fill may only become VALID if no write to its block was in
  * flight at any moment between the fill's backing-store read being sent
  * and the fill completing. Writes sent after the fill started find it
- * FILLING and mark it STALE; writes already in flight are found in the
- * volume's list of in-flight writes when the read miss starts (then no
- * fill). A write-through update is a fill whose data comes from the write
- * itself, allowed only if no other write overlapped it.
+ * FILLING (or PENDING) and mark it STALE; writes already in flight are
+ * found in the volume's list of in-flight writes when the read miss starts
+ * (then no fill). A write-through update is a fill whose data comes from
+ * the write itself, started with the write (so reads during the write's
+ * trip to the store are hits), allowed only if no other write to the same
+ * blocks was in flight when it started, and dropped if one starts before
+ * it completes: with two writes in flight the store's final order is
+ * unknown, so the cache keeps neither.
  */
 #ifndef FLASHTIER_CACHE_INTERNAL_H
 #define FLASHTIER_CACHE_INTERNAL_H
@@ -57,6 +67,7 @@ enum slot_state {
 	SLOT_FREE = 0,
 	SLOT_FILLING,
 	SLOT_STALE,
+	SLOT_PENDING,
 	SLOT_VALID,
 };
 
@@ -141,6 +152,8 @@ struct cache_vol {
 	struct ft_seqdetect seq;
 	struct ft_cache_stats *stats;
 	struct cache_op *writes; /* in flight, doubly linked */
+	struct cache_op *queued; /* waiting for a write to the same blocks, oldest first */
+	bool queue_running, queue_again;
 	uint32_t device_errors;
 	bool passthrough;
 };
