@@ -5,7 +5,8 @@
 #   make check           unit, integration and interop tests
 #   make check SANITIZE=1  the same under ASan+UBSan (separate build tree)
 #   make check TSAN=1      the same under ThreadSanitizer (separate build tree)
-#   make bench           benchmarks (tests/bench), not part of check
+#   make bench           pass-through benchmark (tests/bench), not part of check
+#   make bench-cache     read-cache benchmark against nbdkit's cache filter
 #   make install         PREFIX=/usr/local DESTDIR=
 
 PREFIX  ?= /usr/local
@@ -49,7 +50,7 @@ INTEG_SRCS := $(wildcard tests/integration/*.c)
 INTEG_BINS := $(INTEG_SRCS:tests/integration/%.c=$(BUILD)/tests/integration/%)
 TEST_LIBS := -lcriterion
 
-.PHONY: all run check test-programs check-unit check-integration bench cachesim install uninstall clean format deps
+.PHONY: all run check test-programs bench-cache check-unit check-integration bench cachesim install uninstall clean format deps
 
 all: $(AGENT)
 
@@ -94,6 +95,10 @@ test-programs: $(UNIT_BINS) $(INTEG_BINS)
 
 bench: $(AGENT)
 	AGENT=$(abspath $(AGENT)) tests/bench/nbd-passthrough.sh
+
+# Read cache against nbdkit's cache filter and the SAN direct (1 ms SAN).
+bench-cache: $(AGENT)
+	AGENT=$(abspath $(AGENT)) tests/bench/cache-read.sh
 
 # Replacement-policy simulator: links the agent's own cache directory.
 CACHESIM_SRCS := $(wildcard tests/bench/cachesim/*.c)
