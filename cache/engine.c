@@ -260,15 +260,16 @@ static struct cache_op *op_new(struct cache_vol *v, struct ft_bio *parent, uint3
 	op->parent = parent;
 	op->v = v;
 	op->nblocks = nblocks;
+	/* 8-byte members first, then the 4-byte arrays: every array stays aligned. */
+	op->wt_fills = (struct cache_fill **)(op + 1);
 	if (hit_arrays) {
-		op->runs = (struct hit_run *)(op + 1);
+		op->runs = (struct hit_run *)(op->wt_fills + nblocks);
 		op->slots = (uint32_t *)(op->runs + nblocks);
 		op->crcs = op->slots + nblocks;
 		op->fill_slots = op->crcs + nblocks;
 	} else {
-		op->fill_slots = (uint32_t *)(op + 1);
+		op->fill_slots = (uint32_t *)(op->wt_fills + nblocks);
 	}
-	op->wt_fills = (struct cache_fill **)(op->fill_slots + nblocks);
 	return op;
 }
 
