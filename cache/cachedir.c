@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "flashtier/cachedir.h"
+#include "flashtier/hash.h"
 
 #define NONE FT_CACHEDIR_NONE
 
@@ -68,17 +69,6 @@ struct ft_cachedir {
 	uint32_t epoch_count; /* evictions into the current epoch */
 	uint16_t epoch;
 };
-
-static uint64_t mix64(uint64_t x)
-{
-	/* splitmix64 finaliser: every key bit affects every output bit. */
-	x ^= x >> 30;
-	x *= 0xbf58476d1ce4e5b9ull;
-	x ^= x >> 27;
-	x *= 0x94d049bb133111ebull;
-	x ^= x >> 31;
-	return x;
-}
 
 /* Map a 32-bit hash onto [0, n) without a division (Lemire's multiply-shift). */
 static uint32_t range(uint32_t h, uint32_t n)
@@ -126,7 +116,7 @@ static uint32_t fifo_pop(struct ft_cachedir *d, struct fifo *q)
 
 static uint32_t bucket_of(const struct ft_cachedir *d, ft_cache_key k)
 {
-	return range((uint32_t)mix64(k), d->nbuckets);
+	return range((uint32_t)ft_mix64(k), d->nbuckets);
 }
 
 static void hash_add(struct ft_cachedir *d, uint32_t s)
@@ -162,14 +152,14 @@ uint32_t ft_cachedir_find(const struct ft_cachedir *d, ft_cache_key key)
 
 static uint32_t ghost_fp(ft_cache_key k)
 {
-	uint32_t fp = (uint32_t)(mix64(k) >> 48);
+	uint32_t fp = (uint32_t)(ft_mix64(k) >> 48);
 
 	return fp ? fp : 1; /* 0 marks an empty cell */
 }
 
 static uint32_t ghost_home(const struct ft_cachedir *d, ft_cache_key k)
 {
-	return range((uint32_t)(mix64(k) >> 16), d->nghost);
+	return range((uint32_t)(ft_mix64(k) >> 16), d->nghost);
 }
 
 static bool ghost_live(const struct ft_cachedir *d, uint32_t cell)

@@ -12,20 +12,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "flashtier/hash.h"
 #include "flashtier/log.h"
 #include "internal.h"
 
 /* ---- stale-record filter ---- */
-
-static uint64_t mix(uint64_t x)
-{
-	x ^= x >> 31;
-	x *= 0x7fb5d329728ea185ull;
-	x ^= x >> 27;
-	x *= 0x81dadef4bc2dd44dull;
-	x ^= x >> 33;
-	return x;
-}
 
 static void bloom_set(uint64_t *b, uint64_t h)
 {
@@ -44,7 +35,7 @@ static bool bloom_test(const uint64_t *b, uint64_t h)
 
 void part_note_unmapped(struct cache_part *p, ft_cache_key key)
 {
-	bloom_set(p->bloom_new, mix(key));
+	bloom_set(p->bloom_new, ft_mix64(key));
 	p->bloom_new_any = true;
 }
 
@@ -54,7 +45,7 @@ bool part_maybe_unmapped(const struct cache_part *p, ft_cache_key key)
 
 	if (!p->bloom_new_any && !p->bloom_old_any)
 		return false;
-	h = mix(key);
+	h = ft_mix64(key);
 	return (p->bloom_new_any && bloom_test(p->bloom_new, h)) ||
 	       (p->bloom_old_any && bloom_test(p->bloom_old, h));
 }
