@@ -65,6 +65,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 PROG=cache-read
 REPORT=$HERE/cache_report.py
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$HERE/lib.sh"
 
 AGENT=${AGENT:-$ROOT/build/flashtierd}
 ROUNDS=${BENCH_ROUNDS:-3}
@@ -88,67 +90,23 @@ RESULTS=${BENCH_RESULTS:-$HERE/results}
 STRICT=${BENCH_STRICT:-0}
 START_TIMEOUT=${BENCH_START_TIMEOUT:-15}
 
-log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-die() {
-	printf '\n%s: FATAL: %s\n' "$PROG" "$*" >&2
-	exit 1
-}
-
-# ---------------------------------------------------------------- cleanup
-WORK=
 CACHE_DIR=
-SERVER_PID=
 SAN_PID=
 SYSTEM=
-SAMPLER_PID=
-FIO_PID=
+QUIET_LOGS='*/san.log'
 
-kill_and_reap() { # PID [grace-seconds]
-	local pid=$1 grace=${2:-5} i
-	[ -n "$pid" ] || return 0
-	kill -TERM "$pid" 2>/dev/null || true
-	for ((i = 0; i < grace * 10; i++)); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	kill -KILL "$pid" 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM HUP
-	[ -n "$FIO_PID" ] && kill_and_reap "$FIO_PID" 2
-	[ -n "$SAMPLER_PID" ] && kill_and_reap "$SAMPLER_PID" 1
+cleanup_hook() {
 	if [ -n "$SERVER_PID" ] && [ "$SERVER_PID" != "$SAN_PID" ]; then
 		log "stopping $SYSTEM (pid $SERVER_PID)"
 		kill_and_reap "$SERVER_PID" 5
 	fi
 	[ -n "$SAN_PID" ] && kill_and_reap "$SAN_PID" 5
-	if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-		if [ "$rc" -ne 0 ] && [ -n "$(ls "$WORK"/*.log 2>/dev/null)" ]; then
-			for f in "$WORK"/*.log; do
-				case $f in */san.log) continue ;; esac
-				printf '\n--- last lines of %s\n' "$(basename "$f")" >&2
-				tail -n 15 "$f" >&2 || true
-			done
-		fi
-		rm -rf -- "$WORK"
-	fi
 	if [ -n "$CACHE_DIR" ] && [ -d "$CACHE_DIR" ]; then rm -rf -- "$CACHE_DIR"; fi
-	[ "$rc" -ne 0 ] && log "exit status $rc"
-	exit "$rc"
+	return 0
 }
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'log "terminated"; exit 143' TERM
-trap 'log "hangup"; exit 129' HUP
 
 # ---------------------------------------------------------------- checks
-for tool in fio nbdkit taskset python3 getconf; do
-	command -v "$tool" >/dev/null || die "'$tool' not found in PATH"
-done
-[ -x "$AGENT" ] || die "AGENT=$AGENT is not an executable (build it first: make)"
+check_tools
 for v in ROUNDS RUNTIME RAMP SIZE_MIB CACHE_MIB WSET_MIB WARM_PASSES ZIPF_READ_PCT; do
 	case ${!v} in '' | *[!0-9]*) die "BENCH_$v must be a whole number, got '${!v}'" ;; esac
 done
@@ -164,7 +122,6 @@ for f in delay stats log cache; do
 	nbdkit --filter="$f" null --version >/dev/null 2>&1 || die "nbdkit $f filter not available"
 done
 
-cpu_ok() { python3 -c 'import os,sys; sys.exit(0 if int(sys.argv[1]) in os.sched_getaffinity(0) else 1)' "$1"; }
 for c in "$SERVER_CPU" "$CLIENT_CPU" ${SAN_CPU//[,-]/ }; do
 	cpu_ok "$c" || die "CPU $c not in this process's CPU set ($(taskset -cp $$ | sed 's/.*: //'))"
 done
@@ -193,33 +150,17 @@ taskset -cp "$CLIENT_CPU" $$ >/dev/null
 # how the kernel spells the SAN's CPU list (for the affinity check)
 SAN_CPU_LIST=$(taskset -c "$SAN_CPU" sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status)
 
-CLK_TCK=$(getconf CLK_TCK)
-FIO_VERSION=$(fio --version)
-NBDKIT_VERSION=$(nbdkit --version | head -n 1)
-KERNEL="$(uname -r) ($(uname -m))"
-AGENT_VERSION=$("$AGENT" --version 2>&1 | head -n 1 || true)
-GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]; then GIT_REV="$GIT_REV+dirty"; fi
-CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-[ -n "$CPU_MODEL" ] || CPU_MODEL=$(uname -m)
-NCPU=$(nproc --all)
-DATE=$(date +%Y-%m-%d-%H%M%S)
-LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
+collect_meta
 T_START=$(date +%s)
 
 echo "== flashtier read-cache benchmark ($DATE)"
-echo "   fio:        $FIO_VERSION"
-echo "   nbdkit:     $NBDKIT_VERSION"
-echo "   kernel:     $KERNEL"
-echo "   flashtierd: $AGENT_VERSION, git $GIT_REV ($AGENT)"
+print_versions
 echo "   CPU:        $CPU_MODEL, $NCPU CPUs; system on CPU $SERVER_CPU, SAN on CPU $SAN_CPU, fio on CPU $CLIENT_CPU"
 echo "   SAN:        nbdkit file, ${SIZE_MIB} MiB on tmpfs, delay rdelay=$SAN_DELAY wdelay=$SAN_DELAY"
 echo "   caches:     ${CACHE_MIB} MiB; warm working set ${WSET_MIB} MiB"
 echo "   rounds:     $ROUNDS; systems: $SYSTEMS; workloads: ${selected[*]}"
 echo "   runtime:    ${RUNTIME}s + ${RAMP}s ramp per measured run; load average: $LOADAVG_START"
-if [ "$RUNTIME" -lt 5 ] || [ "$ROUNDS" -lt 3 ]; then
-	echo "   (short runtime or fewer than 3 rounds: smoke run, numbers are indicative only)"
-fi
+print_smoke_note
 
 # ---------------------------------------------------------------- setup
 WORK=$(mktemp -d /dev/shm/flashtier-cbench.XXXXXX)
@@ -248,25 +189,6 @@ GROUP=
 GROUP_THREADS=()
 SOCK=
 URI=
-
-wait_socket() { # PID SOCK NAME
-	local pid=$1 sock=$2 name=$3 i
-	for ((i = 0; i < START_TIMEOUT * 20; i++)); do
-		kill -0 "$pid" 2>/dev/null || die "$name exited during start-up"
-		[ -S "$sock" ] && return 0
-		sleep 0.05
-	done
-	die "$name did not create $sock within ${START_TIMEOUT}s"
-}
-
-check_size() { # URI NAME
-	command -v nbdinfo >/dev/null || return 0
-	local size
-	size=$(timeout 10 nbdinfo --size "$1" 2>"$WORK/nbdinfo.err") ||
-		die "$2 does not answer on $1: $(cat "$WORK/nbdinfo.err")"
-	[ "$size" -eq $((SIZE_MIB * 1024 * 1024)) ] ||
-		die "$2 exports $size bytes, expected $((SIZE_MIB * 1024 * 1024))"
-}
 
 # A fresh SAN per (system, group): its log and stats cover exactly that server start.
 start_san() {
@@ -353,45 +275,20 @@ start_system() {
 }
 
 stop_system() {
-	local rc=0 i
-	if [ "$SYSTEM" != san-direct ]; then
-		kill -TERM "$SERVER_PID" 2>/dev/null || die "$SYSTEM (pid $SERVER_PID) died during the run"
-		for ((i = 0; i < 100; i++)); do
-			kill -0 "$SERVER_PID" 2>/dev/null || break
-			sleep 0.1
-		done
-		if kill -0 "$SERVER_PID" 2>/dev/null; then
-			log "WARNING: $SYSTEM did not exit within 10 s of SIGTERM; killing it"
-			kill -KILL "$SERVER_PID" 2>/dev/null || true
-		fi
-		wait "$SERVER_PID" || rc=$?
-		[ "$rc" -eq 0 ] || log "WARNING: $SYSTEM exited with status $rc after SIGTERM"
-	fi
+	[ "$SYSTEM" = san-direct ] || terminate "$SYSTEM" "$SERVER_PID"
 	SERVER_PID=
-	if grep -Eiq 'error|warn|assert|sanitizer|abort' "$WORK/$SYSTEM.log"; then
-		log "WARNING: $SYSTEM logged errors/warnings:"
-		grep -Ei 'error|warn|assert|sanitizer|abort' "$WORK/$SYSTEM.log" | sort | uniq -c | sort -rn | head -n 10 >&2
-	fi
+	check_log "$SYSTEM" "$WORK/$SYSTEM.log"
 	cp "$WORK/$SYSTEM.log" "$RUNS/$SYSTEM.$GROUP.r$ROUND.server.log"
 }
 
 # Also writes OUT-PREFIX.window: wall-clock ms just before fio starts and just
 # after it exited. Nothing but fio talks to the system meanwhile, so every SAN
 # request that arrives in that window is on behalf of this fio job.
-run_fio() { # OUT-PREFIX fio-args...
-	local out=$1 rc=0 t0
-	shift
+run_timed_fio() { # OUT-PREFIX fio-args...
+	local t0
 	t0=$(date +%s%3N)
-	taskset -c "$CLIENT_CPU" fio --output-format=json --output="$out.fio.json" "$@" \
-		>"$out.fio.log" 2>&1 &
-	FIO_PID=$!
-	wait "$FIO_PID" || rc=$?
-	FIO_PID=
-	echo "$t0 $(date +%s%3N)" >"$out.window"
-	if [ "$rc" -ne 0 ] || grep -q '"error" : [1-9]' "$out.fio.json" 2>/dev/null; then
-		cat "$out.fio.log" >&2 || true
-		die "fio failed (status $rc) against $SYSTEM: fio $*"
-	fi
+	run_fio "$SYSTEM" "$@"
+	echo "$t0 $(date +%s%3N)" >"$1.window"
 }
 
 print_run() { # OUT-PREFIX
@@ -417,31 +314,23 @@ warmup() { # NAME fio-args...
 	shift
 	out=$RUNS/$SYSTEM.$name.r$ROUND
 	printf '   r%-3s %-14s %-22s ' "$ROUND" "$SYSTEM" "($name)" >&2
-	run_fio "$out" --name="$name" --ioengine=nbd --uri="$URI" --numjobs=1 "$@"
+	run_timed_fio "$out" --name="$name" --ioengine=nbd --uri="$URI" --numjobs=1 "$@"
 	print_run "$out"
 }
 
 measure() { # WORKLOAD fio-args...
-	local name=$1 out i
+	local name=$1 out
 	shift
 	out=$RUNS/$SYSTEM.$name.r$ROUND
 	printf '   r%-3s %-14s %-22s ' "$ROUND" "$SYSTEM" "$name" >&2
 	GROUP_THREADS+=("$out.threads")
-	python3 "$HERE/report.py" sample --threads "$out.threads" "$SERVER_PID" "$out.cpu" &
-	SAMPLER_PID=$!
-	for ((i = 0; i < 200; i++)); do
-		[ -s "$out.cpu" ] && break
-		sleep 0.01
-	done
-	[ -s "$out.cpu" ] || die "CPU sampler did not start"
+	start_sampler "$SERVER_PID" "$out"
 	scrape "$out.metrics-before"
-	run_fio "$out" --name="$name" --ioengine=nbd --uri="$URI" --numjobs=1 \
+	run_timed_fio "$out" --name="$name" --ioengine=nbd --uri="$URI" --numjobs=1 \
 		--time_based=1 --runtime="${RUNTIME}s" --ramp_time="${RAMP}s" \
 		--percentile_list=50:90:99:99.9 "$@"
 	scrape "$out.metrics-after"
-	kill -TERM "$SAMPLER_PID" 2>/dev/null || true
-	wait "$SAMPLER_PID" || true
-	SAMPLER_PID=
+	stop_sampler
 	print_run "$out"
 	kill -0 "$SERVER_PID" 2>/dev/null || die "$SYSTEM died during $name (round $ROUND)"
 }
@@ -549,15 +438,6 @@ python3 "$REPORT" summarize --runs "$RUNS" --rounds "$ROUNDS" --clk-tck "$CLK_TC
 	--meta "runtime_s=$RUNTIME" --meta "ramp_s=$RAMP" --meta "size_mib=$SIZE_MIB" \
 	--meta "cache_mib=$CACHE_MIB" --meta "wset_mib=$WSET_MIB" ||
 	die "report generation failed"
-mkdir -p "$base.raw"
-cp "$RUNS"/* "$base.raw/"
-echo
-echo "saved: $base.md"
-echo "       $base.json"
-echo "       $base.raw/ (fio JSON, CPU samples, SAN bins and stats, server logs, flashtierd metrics)"
+save_raw "$base" "fio JSON, CPU samples, SAN bins and stats, server logs, flashtierd metrics"
 echo "elapsed: $(($(date +%s) - T_START)) s"
-if [ "$STRICT" = 1 ] && [ "$(cat "$WORK/verdict")" != PASS ]; then
-	log "targets not met (BENCH_STRICT=1)"
-	exit 1
-fi
-exit 0
+finish

@@ -33,12 +33,13 @@ import calendar
 import json
 import os
 import re
-import statistics
 import sys
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import load_fio, load_samples, ticks_at  # noqa: E402
+import report  # noqa: E402
+from report import (add_output_args, iops_per_round, load_fio, load_samples,  # noqa: E402
+                    median, meets, parse_meta, ratio, ratio_stats, ticks_at, write_report)
 
 SYSTEMS = ("flashtierd", "nbdkit-cache", "san-direct", "nbdkit-memory")
 LABELS = {
@@ -241,39 +242,27 @@ def ideal_hit_ratio(warm, meas, n_warm, n_meas, capacity):
 # ---------------------------------------------------------------- summary
 
 
-def median(values):
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
-
-
-def ratio(a, b):
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
+NONE = "–"  # how a missing number is written
 
 
 def fmt_int(v):
-    return "–" if v is None else f"{v:,.0f}"
+    return report.fmt_int(v, NONE)
 
 
 def fmt_f(v, nd=0):
-    return "–" if v is None else f"{v:,.{nd}f}"
+    return report.fmt_f(v, nd, NONE)
 
 
 def fmt_hr(v):
-    return "–" if v is None else f"{v:.3f}"
+    return NONE if v is None else f"{v:.3f}"
 
 
 def fmt_ratio(v):
-    return "–" if v is None else (f"{v:.2f}×" if v < 10 else f"{v:.1f}×")
+    return NONE if v is None else (f"{v:.2f}×" if v < 10 else f"{v:.1f}×")
 
 
 def fmt_range(st):
-    if st is None or st["median"] is None:
-        return "–"
-    if st["n"] < 2:
-        return fmt_ratio(st["median"])
-    return f"{fmt_ratio(st['median'])} ({st['min']:.2f}–{st['max']:.2f})"
+    return report.fmt_ratio_range(st, fmt_ratio, NONE)
 
 
 def pct(sect, p):
@@ -359,14 +348,6 @@ MEDIAN_KEYS = ("iops", "read_iops", "write_iops", "total_ios", "runtime_ms", "cl
                "san_write_ratio", "own_hit_ratio_whole_job")
 
 
-def ratio_stats(cand, base, key):
-    per = [ratio(c.get(key), b.get(key)) for c, b in zip(cand, base)]
-    vals = [v for v in per if v is not None]
-    return {"median": statistics.median(vals) if vals else None,
-            "min": min(vals) if vals else None, "max": max(vals) if vals else None,
-            "n": len(vals), "rounds": per}
-
-
 def lifetime_checks(runs_dir, nrounds):
     """Log filter vs stats filter over each SAN lifetime: must agree."""
     out = []
@@ -385,10 +366,7 @@ def lifetime_checks(runs_dir, nrounds):
 
 
 def cmd_summarize(args):
-    meta = {}
-    for kv in args.meta or []:
-        k, _, v = kv.partition("=")
-        meta[k] = v
+    meta = parse_meta(args.meta)
     nrounds = args.rounds
     systems = [s for s in args.systems.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
@@ -458,13 +436,10 @@ def cmd_summarize(args):
         st = ratio_stats(per_round[w][cand], per_round[w][anchor], key)
         ratios.setdefault(w, {})[f"{key}:{cand}/{anchor}"] = st
         r = st["median"]
-
-        def meets(v, op=op, thr=thr):
-            return v >= thr if op == ">=" else v <= thr
-        verdict = "n/a" if r is None else ("yes" if meets(r) else "no")
+        verdict = "n/a" if r is None else ("yes" if meets(r, op, thr) else "no")
         checks.append({"workload": w, "check": label, "key": key, "candidate": cand,
                        "anchor": anchor, "op": op, "target": thr, "ratio": st,
-                       "rounds_meeting_target": sum(1 for v in st["rounds"] if v is not None and meets(v)),
+                       "rounds_meeting_target": sum(1 for v in st["rounds"] if v is not None and meets(v, op, thr)),
                        "met": verdict})
 
     lifetimes = lifetime_checks(args.runs, nrounds)
@@ -567,31 +542,15 @@ def cmd_summarize(args):
          if not bad else f"DISAGREE on {len(bad)}: " + ", ".join(x['lifetime'] for x in bad))
       + f"; {errs} SAN request(s) returned an error.")
     if nrounds > 1:
-        p("")
-        p("## IOPS per round")
-        p("")
-        p("| workload | system | " + " | ".join(f"r{i}" for i in range(1, nrounds + 1)) + " |")
-        p("|---|---|" + "---:|" * nrounds)
+        iops_per_round(p, nrounds, "system")
         for w in workloads:
             for s in systems:
                 if s in per_round.get(w, {}):
                     p(f"| {w} | {LABELS[s]} | " + " | ".join(fmt_int(r["iops"]) for r in per_round[w][s]) + " |")
-    if meta.get("notes"):
-        p("")
-        p(meta["notes"])
-    md = "\n".join(L) + "\n"
     out = {"meta": meta, "rounds": nrounds, "systems": systems, "workloads": workloads,
            "results": results, "results_per_round": per_round, "ratios": ratios,
            "checks": checks, "warmups": warmups, "san_lifetimes": lifetimes}
-    with open(args.md, "w") as f:
-        f.write(md)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
-    sys.stdout.write(md)
-    if args.verdict_file:
-        with open(args.verdict_file, "w") as f:
-            f.write(("PASS" if met and all(v == "yes" for v in met) else "FAIL") + "\n")
+    write_report(args, L, meta, out, "PASS" if met and all(v == "yes" for v in met) else "FAIL")
     return 0
 
 
@@ -614,11 +573,7 @@ def main():
     r.add_argument("--rounds", type=int, default=1)
     r.add_argument("--systems", default=",".join(SYSTEMS))
     r.add_argument("--workloads", default=",".join(WORKLOADS))
-    r.add_argument("--clk-tck", type=int, required=True)
-    r.add_argument("--md", required=True)
-    r.add_argument("--json", required=True)
-    r.add_argument("--meta", action="append")
-    r.add_argument("--verdict-file")
+    add_output_args(r)
     r.add_argument("--zipf-trace-warmup", help="fio iolog of the zipf warm-up job")
     r.add_argument("--zipf-trace", help="fio iolog of the measured zipf job")
     r.add_argument("--cache-blocks", type=int, default=65536)

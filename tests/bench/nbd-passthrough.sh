@@ -37,6 +37,8 @@ umask 022
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 PROG=nbd-passthrough
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$HERE/lib.sh"
 
 AGENT=${AGENT:-$ROOT/build/flashtierd}
 ROUNDS=${BENCH_ROUNDS:-3}
@@ -63,62 +65,17 @@ WORKLOADS=(
 	"seqread-64k-qd8 read 64k 8"
 )
 
-log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-die() {
-	printf '\n%s: FATAL: %s\n' "$PROG" "$*" >&2
-	exit 1
-}
-
-# ---------------------------------------------------------------- cleanup
-WORK=
-SERVER_PID=
 SERVER_NAME=
-SAMPLER_PID=
-FIO_PID=
 
-kill_and_reap() { # PID [grace-seconds]
-	local pid=$1 grace=${2:-5} i
-	[ -n "$pid" ] || return 0
-	kill -TERM "$pid" 2>/dev/null || true
-	for ((i = 0; i < grace * 10; i++)); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	kill -KILL "$pid" 2>/dev/null || true
-	wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM HUP
-	[ -n "$FIO_PID" ] && kill_and_reap "$FIO_PID" 2
-	[ -n "$SAMPLER_PID" ] && kill_and_reap "$SAMPLER_PID" 1
+cleanup_hook() {
 	if [ -n "$SERVER_PID" ]; then
 		log "stopping $SERVER_NAME (pid $SERVER_PID)"
 		kill_and_reap "$SERVER_PID" 5
 	fi
-	if [ -n "$WORK" ] && [ -d "$WORK" ]; then
-		if [ "$rc" -ne 0 ] && [ -n "$(ls "$WORK"/*.log 2>/dev/null)" ]; then
-			for f in "$WORK"/*.log; do
-				printf '\n--- last lines of %s\n' "$(basename "$f")" >&2
-				tail -n 15 "$f" >&2 || true
-			done
-		fi
-		rm -rf -- "$WORK"
-	fi
-	[ "$rc" -ne 0 ] && log "exit status $rc"
-	exit "$rc"
 }
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT
-trap 'log "terminated"; exit 143' TERM
-trap 'log "hangup"; exit 129' HUP
 
 # ---------------------------------------------------------------- checks
-for tool in fio nbdkit taskset python3 getconf; do
-	command -v "$tool" >/dev/null || die "'$tool' not found in PATH"
-done
-[ -x "$AGENT" ] || die "AGENT=$AGENT is not an executable (build it first: make)"
+check_tools
 case $ROUNDS in '' | *[!0-9]*) die "BENCH_ROUNDS must be a whole number, got '$ROUNDS'" ;; esac
 [ "$ROUNDS" -ge 1 ] || die "BENCH_ROUNDS must be >= 1"
 case $RUNTIME in '' | *[!0-9]*) die "BENCH_RUNTIME must be whole seconds, got '$RUNTIME'" ;; esac
@@ -130,7 +87,6 @@ nbdkit file --version >/dev/null 2>&1 || die "nbdkit file plugin not available"
 nbdkit memory --version >/dev/null 2>&1 || die "nbdkit memory plugin not available"
 
 allowed=$(taskset -cp $$ | sed 's/.*: //')
-cpu_ok() { python3 -c 'import os,sys; sys.exit(0 if int(sys.argv[1]) in os.sched_getaffinity(0) else 1)' "$1"; }
 cpu_ok "$SERVER_CPU" || die "server CPU $SERVER_CPU not in this process's CPU set ($allowed)"
 cpu_ok "$CLIENT_CPU" || die "client CPU $CLIENT_CPU not in this process's CPU set ($allowed)"
 [ "$SERVER_CPU" != "$CLIENT_CPU" ] || log "WARNING: server and client share CPU $SERVER_CPU"
@@ -158,30 +114,14 @@ mem_avail_kib=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo)
 # started with an explicit "taskset -c SERVER_CPU" (inherited by all their threads).
 taskset -cp "$CLIENT_CPU" $$ >/dev/null
 
-CLK_TCK=$(getconf CLK_TCK)
-FIO_VERSION=$(fio --version)
-NBDKIT_VERSION=$(nbdkit --version | head -n 1)
-KERNEL="$(uname -r) ($(uname -m))"
-AGENT_VERSION=$("$AGENT" --version 2>&1 | head -n 1 || true)
-GIT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]; then GIT_REV="$GIT_REV+dirty"; fi
-CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-[ -n "$CPU_MODEL" ] || CPU_MODEL=$(uname -m)
-NCPU=$(nproc --all)
-DATE=$(date +%Y-%m-%d-%H%M%S)
-LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
+collect_meta
 
 echo "== flashtier nbd pass-through benchmark ($DATE)"
-echo "   fio:        $FIO_VERSION"
-echo "   nbdkit:     $NBDKIT_VERSION"
-echo "   kernel:     $KERNEL"
-echo "   flashtierd: $AGENT_VERSION, git $GIT_REV ($AGENT)"
+print_versions
 echo "   CPU:        $CPU_MODEL, $NCPU CPUs; server on CPU $SERVER_CPU, fio on CPU $CLIENT_CPU"
 echo "   rounds:     $ROUNDS (each round: every server started, measured, stopped in turn: $SERVERS)"
 echo "   runtime:    ${RUNTIME}s + ${RAMP}s ramp per workload and round; load average: $LOADAVG_START"
-if [ "$RUNTIME" -lt 5 ] || [ "$ROUNDS" -lt 3 ]; then
-	echo "   (short runtime or fewer than 3 rounds: smoke run, numbers are indicative only)"
-fi
+print_smoke_note
 
 # ---------------------------------------------------------------- setup
 WORK=$(mktemp -d /dev/shm/flashtier-bench.XXXXXX)
@@ -201,7 +141,7 @@ AGENT_IO_MODE=
 ROUND=
 
 start_server() { # NAME
-	local name=$1 export_name='' i
+	local name=$1 export_name=''
 	SOCK=$WORK/$name.sock
 	SERVER_NAME=$name
 	rm -f "$SOCK"
@@ -234,20 +174,9 @@ start_server() { # NAME
 	esac
 	URI="nbd+unix:///$export_name?socket=$SOCK"
 
-	for ((i = 0; i < START_TIMEOUT * 20; i++)); do
-		kill -0 "$SERVER_PID" 2>/dev/null || die "$name exited during start-up"
-		[ -S "$SOCK" ] && break
-		sleep 0.05
-	done
-	[ -S "$SOCK" ] || die "$name did not create $SOCK within ${START_TIMEOUT}s"
+	wait_socket "$SERVER_PID" "$SOCK" "$name"
 	# The socket exists; check that the export answers and has the right size.
-	if command -v nbdinfo >/dev/null; then
-		local size
-		size=$(timeout 10 nbdinfo --size "$URI" 2>"$WORK/nbdinfo.err") ||
-			die "$name does not answer on $URI: $(cat "$WORK/nbdinfo.err")"
-		[ "$size" -eq $((SIZE_MIB * 1024 * 1024)) ] ||
-			die "$name exports $size bytes, expected $((SIZE_MIB * 1024 * 1024))"
-	fi
+	check_size "$URI" "$name"
 	log "$name ready (pid $SERVER_PID, $(taskset -cp "$SERVER_PID" | sed 's/.*: /CPU /'))"
 }
 
@@ -265,23 +194,9 @@ check_server_affinity() {
 }
 
 stop_server() {
-	local rc=0 i
-	kill -TERM "$SERVER_PID" 2>/dev/null || die "$SERVER_NAME (pid $SERVER_PID) died during the run"
-	for ((i = 0; i < 100; i++)); do
-		kill -0 "$SERVER_PID" 2>/dev/null || break
-		sleep 0.1
-	done
-	if kill -0 "$SERVER_PID" 2>/dev/null; then
-		log "WARNING: $SERVER_NAME did not exit within 10 s of SIGTERM; killing it"
-		kill -KILL "$SERVER_PID" 2>/dev/null || true
-	fi
-	wait "$SERVER_PID" || rc=$?
-	[ "$rc" -eq 0 ] || log "WARNING: $SERVER_NAME exited with status $rc after SIGTERM"
+	terminate "$SERVER_NAME" "$SERVER_PID"
 	SERVER_PID=
-	if grep -Eiq 'error|warn|assert|sanitizer|abort' "$WORK/$SERVER_NAME.log"; then
-		log "WARNING: $SERVER_NAME logged errors/warnings:"
-		grep -Ei 'error|warn|assert|sanitizer|abort' "$WORK/$SERVER_NAME.log" | sort | uniq -c | sort -rn | head -n 10 >&2
-	fi
+	check_log "$SERVER_NAME" "$WORK/$SERVER_NAME.log"
 	cp "$WORK/$SERVER_NAME.log" "$RUNS/$SERVER_NAME.r$ROUND.server.log"
 	if [ "$SERVER_NAME" = flashtierd ]; then
 		# e.g. "...: file, 1073741824 bytes, buffered I/O" (tmpfs has no STATX_DIOALIGN)
@@ -289,44 +204,22 @@ stop_server() {
 	fi
 }
 
-run_fio() { # OUT-PREFIX fio-args...
-	local out=$1 rc=0
-	shift
-	taskset -c "$CLIENT_CPU" fio --output-format=json --output="$out.fio.json" "$@" \
-		>"$out.fio.log" 2>&1 &
-	FIO_PID=$!
-	wait "$FIO_PID" || rc=$?
-	FIO_PID=
-	if [ "$rc" -ne 0 ] || grep -q '"error" : [1-9]' "$out.fio.json" 2>/dev/null; then
-		cat "$out.fio.log" >&2 || true
-		die "fio failed (status $rc) against $SERVER_NAME: fio $*"
-	fi
-}
-
 prefill() {
 	log "$SERVER_NAME: pre-filling with one sequential write pass"
-	run_fio "$WORK/prefill" --name=prefill --ioengine=nbd --uri="$URI" \
+	run_fio "$SERVER_NAME" "$WORK/prefill" --name=prefill --ioengine=nbd --uri="$URI" \
 		--rw=write --bs=1M --iodepth=8 --size=100%
 }
 
 measure() { # WORKLOAD-NAME RW BS IODEPTH
-	local name=$1 rw=$2 bs=$3 qd=$4 i
+	local name=$1 rw=$2 bs=$3 qd=$4
 	local out=$RUNS/$SERVER_NAME.$name.r$ROUND
 	printf '   r%-3s %-14s %-18s ' "$ROUND" "$SERVER_NAME" "$name" >&2
-	python3 "$HERE/report.py" sample --threads "$out.threads" "$SERVER_PID" "$out.cpu" &
-	SAMPLER_PID=$!
-	for ((i = 0; i < 200; i++)); do
-		[ -s "$out.cpu" ] && break
-		sleep 0.01
-	done
-	[ -s "$out.cpu" ] || die "CPU sampler did not start"
-	run_fio "$out" --name="$name" --ioengine=nbd --uri="$URI" \
+	start_sampler "$SERVER_PID" "$out"
+	run_fio "$SERVER_NAME" "$out" --name="$name" --ioengine=nbd --uri="$URI" \
 		--rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
 		--time_based=1 --runtime="${RUNTIME}s" --ramp_time="${RAMP}s" \
 		--percentile_list=50:90:99:99.9
-	kill -TERM "$SAMPLER_PID" 2>/dev/null || true
-	wait "$SAMPLER_PID" || true
-	SAMPLER_PID=
+	stop_sampler
 	python3 - "$out.fio.json" "$rw" >&2 <<-'EOF'
 		import json, sys
 		t = open(sys.argv[1]).read(); j = json.loads(t[t.index("{"):])["jobs"][0]
@@ -380,14 +273,5 @@ python3 "$HERE/report.py" summarize --runs "$RUNS" --servers "$servers_csv" \
 	--meta "server_cpu=$SERVER_CPU" --meta "client_cpu=$CLIENT_CPU" ||
 	die "report generation failed"
 # Keep the raw fio output and server logs next to the report.
-mkdir -p "$base.raw"
-cp "$RUNS"/* "$base.raw/"
-echo
-echo "saved: $base.md"
-echo "       $base.json"
-echo "       $base.raw/ (per round: fio JSON, CPU samples, threads, server logs)"
-if [ "$STRICT" = 1 ] && [ "$(cat "$WORK/verdict")" != PASS ]; then
-	log "targets not met (BENCH_STRICT=1)"
-	exit 1
-fi
-exit 0
+save_raw "$base" "per round: fio JSON, CPU samples, threads, server logs"
+finish

@@ -230,25 +230,26 @@ def summarize_run(fio, samples, rw, clk_tck):
     return res
 
 
-def fmt_int(v):
-    return "n/a" if v is None else f"{v:,.0f}"
+def fmt_int(v, none="n/a"):
+    return none if v is None else f"{v:,.0f}"
 
 
-def fmt_f(v, nd=1):
-    return "n/a" if v is None else f"{v:,.{nd}f}"
+def fmt_f(v, nd=1, none="n/a"):
+    return none if v is None else f"{v:,.{nd}f}"
 
 
 def fmt_ratio(v):
     return "n/a" if v is None else f"{v:.2f}×"
 
 
-def fmt_ratio_range(st):
-    """'1.32× (1.10–1.45)': median of the per-round ratios and their range."""
+def fmt_ratio_range(st, fmt=fmt_ratio, none="n/a"):
+    """'1.32× (1.10–1.45)': median of the per-round ratios (as @fmt writes
+    it) and their range; @none without a median."""
     if st is None or st["median"] is None:
-        return "n/a"
+        return none
     if st["n"] < 2:
-        return fmt_ratio(st["median"])
-    return f"{st['median']:.2f}× ({st['min']:.2f}–{st['max']:.2f})"
+        return fmt(st["median"])
+    return f"{fmt(st['median'])} ({st['min']:.2f}–{st['max']:.2f})"
 
 
 def ratio(a, b):
@@ -280,7 +281,9 @@ def median_of_runs(runs):
 
 
 def ratio_stats(cand_runs, base_runs, key):
-    per_round = [ratio(c[key], b[key]) for c, b in zip(cand_runs, base_runs)]
+    """Per-round ratios of metric @key (candidate / base) and their median,
+    min and max."""
+    per_round = [ratio(c.get(key), b.get(key)) for c, b in zip(cand_runs, base_runs)]
     vals = [v for v in per_round if v is not None]
     return {
         "median": statistics.median(vals) if vals else None,
@@ -289,6 +292,55 @@ def ratio_stats(cand_runs, base_runs, key):
         "n": len(vals),
         "rounds": per_round,
     }
+
+
+def meets(v, op, thr):
+    return v >= thr if op == ">=" else v <= thr
+
+
+def parse_meta(pairs):
+    """--meta KEY=VALUE arguments -> dict."""
+    meta = {}
+    for kv in pairs or []:
+        k, _, v = kv.partition("=")
+        meta[k] = v
+    return meta
+
+
+def iops_per_round(p, nrounds, what):
+    """Heading and table header of the "IOPS per round" section."""
+    p("")
+    p("## IOPS per round")
+    p("")
+    p(f"| workload | {what} | " + " | ".join(f"r{i}" for i in range(1, nrounds + 1)) + " |")
+    p("|---|---|" + "---:|" * nrounds)
+
+
+def write_report(args, lines, meta, out, verdict):
+    """Finish the Markdown (meta "notes" last), write it to --md and stdout,
+    @out to --json and @verdict to --verdict-file."""
+    if meta.get("notes"):
+        lines.append("")
+        lines.append(meta["notes"])
+    md = "\n".join(lines) + "\n"
+    with open(args.md, "w") as f:
+        f.write(md)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+    sys.stdout.write(md)
+    if args.verdict_file:
+        with open(args.verdict_file, "w") as f:
+            f.write(verdict + "\n")
+
+
+def add_output_args(r):
+    """The summarize options both reports share."""
+    r.add_argument("--clk-tck", type=int, required=True)
+    r.add_argument("--md", required=True)
+    r.add_argument("--json", required=True)
+    r.add_argument("--meta", action="append")
+    r.add_argument("--verdict-file")
 
 
 def run_prefix(runs_dir, server, workload, rnd):
@@ -318,10 +370,7 @@ def thread_summaries(runs_dir, server, nrounds):
 
 
 def cmd_summarize(args):
-    meta = {}
-    for kv in args.meta or []:
-        k, _, v = kv.partition("=")
-        meta[k] = v
+    meta = parse_meta(args.meta)
     servers = [s for s in args.servers.split(",") if s]
     workloads = []
     for spec in args.workloads.split(","):
@@ -437,11 +486,8 @@ def cmd_summarize(args):
         for label, key, op, thr in wchecks:
             st = wr.get(key)
             r = st["median"] if st else None
-
-            def meets(v, op=op, thr=thr):
-                return v >= thr if op == ">=" else v <= thr
-            verdict = "n/a" if r is None else ("PASS" if meets(r) else "FAIL")
-            rounds_ok = sum(1 for v in st["rounds"] if v is not None and meets(v)) if st else 0
+            verdict = "n/a" if r is None else ("PASS" if meets(r, op, thr) else "FAIL")
+            rounds_ok = sum(1 for v in st["rounds"] if v is not None and meets(v, op, thr)) if st else 0
             checks.append({"workload": name, "metric": label, "key": key, "op": op,
                            "target": thr, "ratio": r,
                            "ratio_min": st["min"] if st else None,
@@ -481,11 +527,7 @@ def cmd_summarize(args):
     p(f"**Overall: {overall}** ({npass} of {len(verdicts)} checks pass)")
 
     if nrounds > 1:
-        p("")
-        p("## IOPS per round")
-        p("")
-        p("| workload | server | " + " | ".join(f"r{i}" for i in range(1, nrounds + 1)) + " |")
-        p("|---|---|" + "---:|" * nrounds)
+        iops_per_round(p, nrounds, "server")
         for w in workloads:
             name = w["name"]
             for s in servers:
@@ -494,10 +536,6 @@ def cmd_summarize(args):
             if have_pair:
                 p(f"| {name} | flashtierd / nbdkit file | "
                   + " | ".join(fmt_ratio(v) for v in ratios[name]["iops"]["rounds"]) + " |")
-    if meta.get("notes"):
-        p("")
-        p(meta["notes"])
-    md = "\n".join(lines) + "\n"
 
     out = {
         "meta": meta,
@@ -517,15 +555,7 @@ def cmd_summarize(args):
         "checks": checks,
         "overall": overall,
     }
-    with open(args.md, "w") as f:
-        f.write(md)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
-    sys.stdout.write(md)
-    if args.verdict_file:
-        with open(args.verdict_file, "w") as f:
-            f.write(overall + "\n")
+    write_report(args, lines, meta, out, overall)
     return 0
 
 
@@ -550,11 +580,7 @@ def main():
     r.add_argument("--workloads", required=True)
     r.add_argument("--rounds", type=int, default=1,
                    help="number of rounds (files SERVER.WORKLOAD.rN.*), default 1")
-    r.add_argument("--clk-tck", type=int, required=True)
-    r.add_argument("--md", required=True)
-    r.add_argument("--json", required=True)
-    r.add_argument("--meta", action="append")
-    r.add_argument("--verdict-file")
+    add_output_args(r)
     r.add_argument("--target-iops", type=float, default=1.0)
     r.add_argument("--target-p50", type=float, default=1.1)
     r.add_argument("--target-cpu", type=float, default=0.7)

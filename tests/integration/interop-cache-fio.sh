@@ -32,6 +32,7 @@ cat >"$T/flashtierd.json" <<EOF
             "cache": { "mode": "write-around", "sequential_cutoff": "0" } } } }
 EOF
 ft_agent_start "$T/flashtierd.json"
+FT_FIO_SHOW_JSON=1 # fio's JSON too when a run fails
 
 # metric NAME VOLUME: a cache counter of VOLUME from /metrics.
 metric() {
@@ -62,22 +63,10 @@ run_fio() {
 	_vol=$1
 	_tag=$2
 	shift 2
-	_out=$T/fio-$_vol-$_tag
-	_rc=0
-	fio --name="$_vol" --ioengine=nbd --uri="$(ft_uri "$_vol")" \
+	ft_fio "$_vol" "$_tag" --name="$_vol" \
 		--numjobs=4 --offset_increment=8M --size=8M --iodepth=16 \
-		--rw=randrw --rwmixread=40 --bssplit="$(bssplit_of "$_vol")" \
-		--verify=crc32c --verify_fatal=1 --verify_state_save=0 --randseed=5151 \
-		--output-format=json --output="$_out.json" "$@" >"$_out.log" 2>&1 || _rc=$?
-	if [ "$_rc" -ne 0 ]; then
-		cat "$_out.log" "$_out.json" >&2
-		ft_fail "fio $_vol $_tag exited with $_rc"
-	fi
-	if grep -v 'connected to NBD server' "$_out.log" |
-		grep -E -i 'verify|bad magic|crc32c|mismatch|error|fio: ' >&2; then
-		ft_fail "fio $_vol $_tag complained (above)"
-	fi
-	python3 - "$_out.json" "$_tag" <<'EOF' || ft_fail "fio $_vol $_tag: bad results"
+		--rw=randrw --rwmixread=40 --bssplit="$(bssplit_of "$_vol")" --randseed=5151 "$@"
+	python3 - "$FT_FIO_OUT.json" "$_tag" <<'EOF' || ft_fail "fio $_vol $_tag: bad results"
 import json, sys
 j = json.load(open(sys.argv[1]))
 tag = sys.argv[2]

@@ -28,21 +28,9 @@ run_fio() {
 	_vol=$1
 	_tag=$2
 	shift 2
-	_out=$T/fio-$_vol-$_tag
-	_rc=0
-	fio --name="$_vol-$_tag" --ioengine=nbd --uri="$(ft_uri "$_vol")" \
-		--size="$SIZE" --iodepth=16 --bssplit=512/10:4k/40:64k/30:256k/20 \
-		--verify=crc32c --verify_fatal=1 --verify_state_save=0 --randseed=4242 \
-		--output-format=json --output="$_out.json" "$@" >"$_out.log" 2>&1 || _rc=$?
-	if [ "$_rc" -ne 0 ]; then
-		cat "$_out.log" >&2
-		ft_fail "fio $_vol $_tag exited with $_rc"
-	fi
-	if grep -v 'connected to NBD server' "$_out.log" |
-		grep -E -i 'verify|bad magic|crc32c|mismatch|error|fio: ' >&2; then
-		ft_fail "fio $_vol $_tag complained (above)"
-	fi
-	python3 - "$_out.json" "$_tag" "$SIZE" <<'EOF' || ft_fail "fio $_vol $_tag: bad results"
+	ft_fio "$_vol" "$_tag" --name="$_vol-$_tag" \
+		--size="$SIZE" --iodepth=16 --bssplit=512/10:4k/40:64k/30:256k/20 --randseed=4242 "$@"
+	python3 - "$FT_FIO_OUT.json" "$_tag" "$SIZE" <<'EOF' || ft_fail "fio $_vol $_tag: bad results"
 import json, sys
 j = json.load(open(sys.argv[1]))
 tag, size = sys.argv[2], int(sys.argv[3])

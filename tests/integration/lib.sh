@@ -5,6 +5,7 @@
 #   ft_nbdkit NAME ARGS...       # nbdkit on $T/NAME.sock; sets NBDKIT_SOCK, NBDKIT_PID
 #   ft_agent_start CONFIG        # flashtierd --config CONFIG; sets AGENT_PID, AGENT_SOCK
 #   ft_agent_stop                # SIGTERM, assert exit 0 and that the socket is gone
+#   ft_fio VOLUME TAG ARGS...    # fio with crc32c verify on VOLUME; sets FT_FIO_OUT
 #
 # Every helper fails the script (exit 1, with a message) when a step fails.
 # Run on its own (as tests/run-tests.sh does with every *.sh) it only
@@ -126,6 +127,35 @@ ft_agent_stop() {
 	[ "$_rc" -eq 0 ] || ft_fail "flashtierd exited with status $_rc after SIGTERM"
 	[ ! -e "$AGENT_SOCK" ] || ft_fail "flashtierd left its socket $AGENT_SOCK behind"
 	grep -q "stopped cleanly" "$T/agent.log" || ft_fail "no 'stopped cleanly' in the agent log"
+}
+
+# ft_fio VOLUME TAG --name=JOB ARGS...: fio's nbd engine on the agent's
+# export VOLUME with crc32c verification (fatal, no state file saved), its
+# JSON output in $FT_FIO_OUT.json and its log in $FT_FIO_OUT.log, where
+# FT_FIO_OUT=$T/fio-VOLUME-TAG. Fails when fio exits non-zero (showing the
+# log, and the JSON too when FT_FIO_SHOW_JSON=1) or its log complains
+# (verify errors, bad magic, checksum mismatch, other errors).
+ft_fio() {
+	_fvol=$1
+	_ftag=$2
+	shift 2
+	FT_FIO_OUT=$T/fio-$_fvol-$_ftag
+	_rc=0
+	fio "$@" --ioengine=nbd --uri="$(ft_uri "$_fvol")" \
+		--verify=crc32c --verify_fatal=1 --verify_state_save=0 \
+		--output-format=json --output="$FT_FIO_OUT.json" >"$FT_FIO_OUT.log" 2>&1 || _rc=$?
+	if [ "$_rc" -ne 0 ]; then
+		if [ "${FT_FIO_SHOW_JSON:-0}" = 1 ]; then
+			cat "$FT_FIO_OUT.log" "$FT_FIO_OUT.json" >&2
+		else
+			cat "$FT_FIO_OUT.log" >&2
+		fi
+		ft_fail "fio $_fvol $_ftag exited with $_rc"
+	fi
+	if grep -v 'connected to NBD server' "$FT_FIO_OUT.log" |
+		grep -E -i 'verify|bad magic|crc32c|mismatch|error|fio: ' >&2; then
+		ft_fail "fio $_fvol $_ftag complained (above)"
+	fi
 }
 
 # ft_uri EXPORT: the agent's URI for EXPORT.
