@@ -17,6 +17,7 @@
 /* A read issued by NBD_CMD_CACHE: always admitted, not counted as a VM read. */
 #define BIO_PREFETCH (1u << 31)
 #define PREFETCH_CHUNK (4u << 20)
+#define HIT_SLOTS_ON_STACK 64
 
 struct cache_op;
 
@@ -431,11 +432,14 @@ static void vol_read(struct cache_vol *v, struct ft_bio *bio)
 	bool admit = (bio->flags & BIO_PREFETCH) || v->policy.sequential_cutoff == 0 ||
 		     ft_seqdetect_admit(&v->seq, off, bio->len);
 	bool hit = b1 <= v->nblocks;
+	uint32_t found[HIT_SLOTS_ON_STACK]; /* one lookup per block for the common sizes */
 	struct cache_op *op;
 
 	for (uint64_t b = b0; hit && b < b1; b++) {
 		uint32_t s = ft_cachedir_lookup(p->dir, FT_CACHE_KEY(v->id, b));
 
+		if (b - b0 < HIT_SLOTS_ON_STACK)
+			found[b - b0] = s;
 		hit = s != FT_CACHEDIR_NONE && readable(p->state[s]);
 	}
 	op = op_new(v, bio, n, hit);
@@ -458,7 +462,9 @@ static void vol_read(struct cache_vol *v, struct ft_bio *bio)
 		return;
 	}
 	for (uint32_t i = 0; i < n; i++) {
-		op->slots[i] = ft_cachedir_find(p->dir, FT_CACHE_KEY(v->id, b0 + i));
+		op->slots[i] = i < HIT_SLOTS_ON_STACK
+				       ? found[i]
+				       : ft_cachedir_find(p->dir, FT_CACHE_KEY(v->id, b0 + i));
 		op->crcs[i] = p->crc[op->slots[i]];
 	}
 	/* One device read per run of consecutive slots. */
