@@ -117,6 +117,7 @@ struct cache_part {
 	/* Rounds. */
 	uint64_t rounds_started, rounds_flushed;
 	bool round_active;
+	bool round_flushing;    /* the running round's page writes are done; its flush is out */
 	uint32_t round_pending; /* page writes (and the flush) outstanding */
 	int round_error;
 	struct ft_bio flush_bio;

@@ -143,10 +143,10 @@ static void round_io_done(struct cache_part *p, int error)
 		p->round_error = error;
 	if (--p->round_pending)
 		return;
-	if (p->flush_bio.op != FT_BIO_FLUSH && !p->round_error && p->waiters &&
+	if (!p->round_flushing && !p->round_error && p->waiters &&
 	    p->waiters->need_round <= p->rounds_started) {
 		/* Page writes are done: one flush makes them durable for every waiter. */
-		p->flush_bio.op = FT_BIO_FLUSH;
+		p->round_flushing = true;
 		p->round_pending = 1;
 		ft_bio_submit(p->dev, &p->flush_bio);
 		return;
@@ -188,7 +188,7 @@ static void round_start(struct cache_part *p)
 	p->round_active = true;
 	p->rounds_started++;
 	p->round_error = 0;
-	p->flush_bio.op = FT_BIO_WRITE; /* "no flush yet" */
+	p->round_flushing = false;
 	/* Keys unmapped before this snapshot are covered by it once it is flushed. */
 	if (p->bloom_new_any) {
 		for (uint32_t i = 0; i < BLOOM_BITS / 64; i++)
@@ -253,6 +253,7 @@ int part_meta_init(struct cache_part *p)
 	p->waiters = NULL;
 	p->waiters_tail = &p->waiters;
 	p->kick.fn = kick_fn;
+	p->flush_bio.op = FT_BIO_FLUSH;
 	p->flush_bio.end_io = flush_end_io;
 	p->flush_bio.offset = 0;
 	p->flush_bio.len = 0;

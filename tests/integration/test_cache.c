@@ -285,6 +285,13 @@ static void set_cache(const char *size, const char *more)
 		       "\"reactors\": 1, \"cache\": { \"path\": \"%s\"%s },", cache_path, more);
 }
 
+/* The usual set-up: a cache file of @size in the test's directory. */
+static void cache_in_tdir(const char *size)
+{
+	th_fmt(cache_path, sizeof(cache_path), "%s/cache.img", tdir);
+	set_cache(size, "");
+}
+
 static void agent_start(void)
 {
 	ft_agent_start_in(&agent, tdir, agent_vols, agent_extra);
@@ -450,8 +457,7 @@ static void warm_restart(bool kill9)
 	th_mkdtemp(tdir, sizeof(tdir));
 	make_backing("backing.img", 16 * MiB, backing, sizeof(backing));
 	logged_backing(backing, uri, sizeof(uri));
-	th_fmt(cache_path, sizeof(cache_path), "%s/cache.img", tdir);
-	set_cache("16M", "");
+	cache_in_tdir("16M");
 	th_fmt(agent_vols, sizeof(agent_vols), "{ \"disk\": { \"backing\": \"%s\" } }", uri);
 	agent_start();
 
@@ -590,8 +596,7 @@ Test(cache, no_stale_data_after_kill9, .timeout = 60)
 	th_mkdtemp(tdir, sizeof(tdir));
 	make_backing("wt.img", 16 * MiB, backing[0], sizeof(backing[0]));
 	make_backing("wa.img", 16 * MiB, backing[1], sizeof(backing[1]));
-	th_fmt(cache_path, sizeof(cache_path), "%s/cache.img", tdir);
-	set_cache("16M", "");
+	cache_in_tdir("16M");
 	th_fmt(agent_vols, sizeof(agent_vols),
 	       "{ \"wt\": { \"backing\": \"%s\", \"cache\": { \"mode\": \"write-through\" } },"
 	       "  \"wa\": { \"backing\": \"%s\", \"cache\": { \"mode\": \"write-around\" } } }",
@@ -698,8 +703,7 @@ Test(cache, corrupt_data_and_records_are_not_served)
 
 	th_mkdtemp(tdir, sizeof(tdir));
 	make_backing("disk.img", 16 * MiB, backing, sizeof(backing));
-	th_fmt(cache_path, sizeof(cache_path), "%s/cache.img", tdir);
-	set_cache("16M", "");
+	cache_in_tdir("16M");
 	th_fmt(agent_vols, sizeof(agent_vols), "{ \"disk\": { \"backing\": \"%s\" } }", backing);
 	agent_start();
 	h = th_nbd_connect(&agent, "disk");
@@ -1038,8 +1042,7 @@ Test(cache, modes_and_readonly)
 	/* A volume whose size is not a whole number of cache blocks: 1 MiB + 512. */
 	make_backing("odd.img", 2 * MiB, odd, sizeof(odd));
 	cr_assert_eq(truncate(odd, 1 * MiB + 512), 0);
-	th_fmt(cache_path, sizeof(cache_path), "%s/cache.img", tdir);
-	set_cache("16M", "");
+	cache_in_tdir("16M");
 	th_fmt(agent_vols, sizeof(agent_vols),
 	       "{ \"wt\": { \"backing\": \"%s\", \"cache\": { \"mode\": \"write-through\" } },"
 	       "  \"wa\": { \"backing\": \"%s\", \"cache\": { \"mode\": \"write-around\" } },"
@@ -1165,8 +1168,7 @@ Test(cache, quota_caps_a_volume_and_spares_others)
 	make_backing("a.img", 8 * MiB, backing[0], sizeof(backing[0]));
 	make_backing("b.img", 8 * MiB, backing[1], sizeof(backing[1]));
 	make_backing("c.img", 8 * MiB, backing[2], sizeof(backing[2]));
-	th_fmt(cache_path, sizeof(cache_path), "%s/cache.img", tdir);
-	set_cache("8M", "");
+	cache_in_tdir("8M");
 	th_fmt(agent_vols, sizeof(agent_vols),
 	       "{ \"a\": { \"backing\": \"%s\", \"cache\": { \"quota\": \"25%%\","
 	       "                                             \"sequential_cutoff\": 0 } },"
@@ -1238,8 +1240,7 @@ Test(cache, sequential_cutoff_bypasses_long_streams)
 	th_mkdtemp(tdir, sizeof(tdir));
 	make_backing("seq.img", 8 * MiB, backing[0], sizeof(backing[0]));
 	make_backing("nocut.img", 8 * MiB, backing[1], sizeof(backing[1]));
-	th_fmt(cache_path, sizeof(cache_path), "%s/cache.img", tdir);
-	set_cache("16M", "");
+	cache_in_tdir("16M");
 	th_fmt(agent_vols, sizeof(agent_vols),
 	       "{ \"seq\": { \"backing\": \"%s\", \"cache\": { \"sequential_cutoff\": \"1M\" } },"
 	       "  \"nocut\": { \"backing\": \"%s\", \"cache\": { \"sequential_cutoff\": 0 } } }",
@@ -1453,8 +1454,7 @@ Test(cache, cached_data_follows_volume_identity)
 	make_backing_seed("a.img", 4 * MiB, 97, a, sizeof(a));
 	make_backing_seed("b.img", 4 * MiB, 98, b, sizeof(b));
 	make_backing_seed("c.img", 4 * MiB, 99, c, sizeof(c));
-	th_fmt(cache_path, sizeof(cache_path), "%s/cache.img", tdir);
-	set_cache("16M", "");
+	cache_in_tdir("16M");
 	th_fmt(agent_vols, sizeof(agent_vols),
 	       "{ \"x\": { \"backing\": \"%s\" }, \"y\": { \"backing\": \"%s\" } }", a, b);
 	agent_start();
@@ -1654,8 +1654,7 @@ Test(cache, concurrent_reads_never_see_overwritten_data)
 		close(fd);
 		free(buf);
 	}
-	th_fmt(cache_path, sizeof(cache_path), "%s/cache.img", tdir);
-	set_cache("16M", "");
+	cache_in_tdir("16M");
 	th_fmt(agent_vols, sizeof(agent_vols),
 	       "{ \"wt\": { \"backing\": \"%s\", \"cache\": { \"mode\": \"write-through\","
 	       "                                             \"sequential_cutoff\": 0 } },"
