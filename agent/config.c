@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "flashtier/config.h"
+#include "flashtier/wlog.h"
 #include "flashtier/nbd_proto.h"
 
 #define MAX_REACTORS 256
@@ -257,10 +258,105 @@ static int get_bool(struct parse_ctx *p, json_t *obj, const char *key, const cha
 	return 0;
 }
 
+/* "NN%" (1-100) into *@pct, or a size into *@bytes; absent leaves both alone. */
+static int get_size_or_percent(struct parse_ctx *p, json_t *obj, const char *key,
+			       const char *label, uint64_t *bytes, uint32_t *pct)
+{
+	json_t *v = json_object_get(obj, key);
+	bool present;
+
+	if (v && json_is_string(v) && strchr(json_string_value(v), '%')) {
+		const char *s = json_string_value(v);
+		char *end;
+		long n;
+
+		errno = 0;
+		n = strtol(s, &end, 10);
+		if (errno || end == s || strcmp(end, "%") != 0 || n < 1 || n > 100)
+			return fail(p, label, "'%s' is not a percentage from 1%% to 100%%", s);
+		*pct = (uint32_t)n;
+		*bytes = 0;
+		return 0;
+	}
+	if (get_size(p, obj, key, label, &present, bytes) < 0)
+		return fail(p, label, "must be a percentage like \"25%%\" or a size like \"2G\"");
+	if (present)
+		*pct = 0;
+	return 0;
+}
+
+/* A percentage only ("50%"). */
+static int get_percent(struct parse_ctx *p, json_t *obj, const char *key, const char *label,
+		       uint32_t *pct)
+{
+	json_t *v = json_object_get(obj, key);
+	uint64_t bytes = 0;
+
+	if (!v)
+		return 0;
+	if (!json_is_string(v) || !strchr(json_string_value(v), '%'))
+		return fail(p, label, "must be a percentage like \"50%%\"");
+	return get_size_or_percent(p, obj, key, label, &bytes, pct);
+}
+
+static int parse_write_back(struct parse_ctx *p, const char *cprefix, json_t *obj,
+			    struct ft_volume_policy *pol)
+{
+	static const char *const keys[] = { "dirty_limit", "dirty_high", "dirty_low",
+					    "dirty_max_age", "destage_bandwidth" };
+	char label[NBD_MAX_STRING + 96];
+	bool present;
+	json_t *v;
+	int rc;
+
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		if (pol->mode != FT_CACHE_WRITE_BACK && json_object_get(obj, keys[i])) {
+			snprintf(label, sizeof(label), "%s%s", cprefix, keys[i]);
+			return fail(p, label, "only applies to \"mode\": \"write-back\"");
+		}
+	}
+	snprintf(label, sizeof(label), "%sdirty_limit", cprefix);
+	rc = get_size_or_percent(p, obj, "dirty_limit", label, &pol->dirty_limit_bytes,
+				 &pol->dirty_limit_percent);
+	if (rc < 0)
+		return rc;
+	if (json_object_get(obj, "dirty_limit") && !pol->dirty_limit_percent &&
+	    pol->dirty_limit_bytes < FT_WLOG_MIN_LIMIT)
+		return fail(p, label, "must be at least 4M (four log segments)");
+	snprintf(label, sizeof(label), "%sdirty_high", cprefix);
+	rc = get_percent(p, obj, "dirty_high", label, &pol->dirty_high_percent);
+	if (rc < 0)
+		return rc;
+	snprintf(label, sizeof(label), "%sdirty_low", cprefix);
+	rc = get_percent(p, obj, "dirty_low", label, &pol->dirty_low_percent);
+	if (rc < 0)
+		return rc;
+	if (pol->dirty_low_percent >= pol->dirty_high_percent)
+		return fail(p, label, "must be below dirty_high (%u%%)", pol->dirty_high_percent);
+	snprintf(label, sizeof(label), "%sdirty_max_age", cprefix);
+	v = json_object_get(obj, "dirty_max_age");
+	if (v) {
+		double secs = json_is_number(v) ? json_number_value(v) : -1;
+
+		if (secs < 0.1 || secs > 86400)
+			return fail(p, label, "must be a number of seconds from 0.1 to 86400");
+		pol->dirty_max_age_ms = (uint64_t)(secs * 1000 + 0.5);
+	}
+	snprintf(label, sizeof(label), "%sdestage_bandwidth", cprefix);
+	rc = get_size(p, obj, "destage_bandwidth", label, &present, &pol->destage_bandwidth);
+	if (rc < 0)
+		return rc;
+	if (present && pol->destage_bandwidth && pol->destage_bandwidth < (1u << 20))
+		return fail(p, label, "must be 0 (unlimited) or at least 1M (per second)");
+	return 0;
+}
+
 static int parse_volume_cache(struct parse_ctx *p, const char *prefix, json_t *obj,
 			      bool have_cache, struct ft_volume_policy *pol)
 {
-	static const char *const allowed[] = { "mode", "sequential_cutoff", "quota", NULL };
+	static const char *const allowed[] = { "mode",	      "sequential_cutoff", "quota",
+					       "dirty_limit", "dirty_high",	   "dirty_low",
+					       "dirty_max_age", "destage_bandwidth", NULL };
 	char cprefix[NBD_MAX_STRING + 64], label[NBD_MAX_STRING + 96];
 	const char *s;
 	bool present;
@@ -270,6 +366,12 @@ static int parse_volume_cache(struct parse_ctx *p, const char *prefix, json_t *o
 	pol->sequential_cutoff = 1u << 20;
 	pol->quota_bytes = 0;
 	pol->quota_percent = 100;
+	pol->dirty_limit_bytes = 0;
+	pol->dirty_limit_percent = 0;
+	pol->dirty_high_percent = 50;
+	pol->dirty_low_percent = 25;
+	pol->dirty_max_age_ms = 30000;
+	pol->destage_bandwidth = 0;
 	if (!obj)
 		return 0;
 	snprintf(cprefix, sizeof(cprefix), "%scache", prefix);
@@ -285,7 +387,8 @@ static int parse_volume_cache(struct parse_ctx *p, const char *prefix, json_t *o
 	if (rc < 0)
 		return rc;
 	if (s && ft_cache_mode_parse(s, &pol->mode) < 0)
-		return fail(p, label, "'%s' is not write-through, write-around or none", s);
+		return fail(p, label, "'%s' is not write-back, write-through, write-around or none",
+			    s);
 	if (pol->mode != FT_CACHE_NONE && !have_cache)
 		return fail(p, label, "'%s' needs a cache device (a top-level \"cache\" object)", s);
 
@@ -295,25 +398,12 @@ static int parse_volume_cache(struct parse_ctx *p, const char *prefix, json_t *o
 		return rc;
 
 	snprintf(label, sizeof(label), "%squota", cprefix);
-	json_t *q = json_object_get(obj, "quota");
-	if (q && json_is_string(q) && strchr(json_string_value(q), '%')) {
-		char *end;
-		long pct;
-
-		s = json_string_value(q);
-		errno = 0;
-		pct = strtol(s, &end, 10);
-		if (errno || end == s || strcmp(end, "%") != 0 || pct < 1 || pct > 100)
-			return fail(p, label, "'%s' is not a percentage from 1%% to 100%%", s);
-		pol->quota_percent = (uint32_t)pct;
-	} else {
-		rc = get_size(p, obj, "quota", label, &present, &pol->quota_bytes);
-		if (rc < 0)
-			return fail(p, label, "must be a percentage like \"25%%\" or a size like \"2G\"");
-		if (present && pol->quota_bytes < FT_CACHE_MIN_QUOTA)
-			return fail(p, label, "must be at least 1M");
-	}
-	return 0;
+	rc = get_size_or_percent(p, obj, "quota", label, &pol->quota_bytes, &pol->quota_percent);
+	if (rc < 0)
+		return rc;
+	if (!pol->quota_percent && pol->quota_bytes < FT_CACHE_MIN_QUOTA)
+		return fail(p, label, "must be at least 1M");
+	return parse_write_back(p, cprefix, obj, pol);
 }
 
 /*
@@ -343,8 +433,9 @@ static char *default_state_file(const char *path)
 static int parse_cache(struct parse_ctx *p, json_t *obj, struct ft_cache_config *cc,
 		       bool check_paths)
 {
-	static const char *const allowed[] = { "path",		  "size",	"reformat",
-					       "error_threshold", "state_file", NULL };
+	static const char *const allowed[] = { "path",	     "size",	     "reformat",
+					       "error_threshold", "state_file", "log_size",
+					       "discard_dirty",	  NULL };
 	const char *path, *state;
 	bool present;
 	json_t *v;
@@ -368,6 +459,18 @@ static int parse_cache(struct parse_ctx *p, json_t *obj, struct ft_cache_config 
 	rc = get_bool(p, obj, "reformat", "cache.reformat", &cc->reformat);
 	if (rc < 0)
 		return rc;
+	rc = get_bool(p, obj, "discard_dirty", "cache.discard_dirty", &cc->discard_dirty);
+	if (rc < 0)
+		return rc;
+	rc = get_size_or_percent(p, obj, "log_size", "cache.log_size", &cc->log_bytes,
+				 &cc->log_percent);
+	if (rc < 0)
+		return rc;
+	if (cc->log_percent > 90)
+		return fail(p, "cache.log_size", "must leave room for the read cache (at most 90%%)");
+	if (json_object_get(obj, "log_size") && !cc->log_percent &&
+	    cc->log_bytes < FT_WLOG_MIN_LIMIT)
+		return fail(p, "cache.log_size", "must be at least 4M (four 1 MiB segments)");
 	cc->error_threshold = 16;
 	v = json_object_get(obj, "error_threshold");
 	if (v) {

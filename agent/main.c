@@ -187,6 +187,7 @@ int main(int argc, char **argv)
 	sigaddset(&sigs, SIGTERM);
 	sigaddset(&sigs, SIGINT);
 	sigaddset(&sigs, SIGHUP);
+	sigaddset(&sigs, SIGUSR1);
 	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 	signal(SIGPIPE, SIG_IGN);
 
@@ -269,6 +270,15 @@ int main(int argc, char **argv)
 				continue;
 			ft_err("sigwaitinfo: %s", strerror(errno));
 			break;
+		}
+		if (sig == SIGUSR1) {
+			if (cache) {
+				ft_info("SIGUSR1: draining every write-back volume");
+				ft_cache_drain(cache, reactors);
+			} else {
+				ft_info("SIGUSR1: no cache, nothing to drain");
+			}
+			continue;
 		}
 		if (sig == SIGHUP) {
 			ft_info("SIGHUP: nothing to reload in this version (volumes come from --config at start)");

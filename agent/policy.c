@@ -8,6 +8,7 @@ static const char *const mode_names[] = {
 	[FT_CACHE_NONE] = "none",
 	[FT_CACHE_WRITE_AROUND] = "write-around",
 	[FT_CACHE_WRITE_THROUGH] = "write-through",
+	[FT_CACHE_WRITE_BACK] = "write-back",
 };
 
 const char *ft_cache_mode_name(enum ft_cache_mode m)

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "flashtier/log.h"
+#include "flashtier/powercut.h"
 #include "internal.h"
 
 #define SCAN_CHUNK (1u << 20) /* bytes of records read at a time at start-up */
@@ -107,7 +108,8 @@ int ft_cache_open(const struct ft_cache_config *cc, struct ft_cache **out)
 	*out = NULL;
 	if (!c)
 		return -ENOMEM;
-	rc = ft_cachedev_open(cc->path, cc->size, cc->reformat, &c->dev, msg, sizeof(msg));
+	rc = ft_cachedev_open(cc->path, cc->size, cc->log_bytes, cc->log_percent, cc->reformat,
+			      &c->dev, msg, sizeof(msg));
 	if (rc < 0) {
 		ft_err("cache: %s", msg);
 		free(c);
@@ -118,7 +120,8 @@ int ft_cache_open(const struct ft_cache_config *cc, struct ft_cache **out)
 			"on without it (%s); discarding its contents",
 			cc->path, cc->state_file);
 		ft_cachedev_close(c->dev);
-		rc = ft_cachedev_open(cc->path, cc->size, true, &c->dev, msg, sizeof(msg));
+		rc = ft_cachedev_open(cc->path, cc->size, cc->log_bytes, cc->log_percent, true,
+				      &c->dev, msg, sizeof(msg));
 		if (rc < 0) {
 			ft_err("cache: %s", msg);
 			free(c);
@@ -137,7 +140,19 @@ int ft_cache_open(const struct ft_cache_config *cc, struct ft_cache **out)
 		ft_info("cache: %s%s%s", msg,
 			c->dev->flags & FT_CACHE_SB_CLEAN ? "" : " (last shutdown was not clean)",
 			c->dev->repaired_copy ? "; one damaged superblock copy was repaired" : "");
+	if (c->dev->upgraded_from)
+		ft_info("cache %s: it held format version %u (read cache only); reformatted for "
+			"version %u",
+			cc->path, c->dev->upgraded_from, FT_CACHE_VERSION);
 	pthread_mutex_init(&c->sb_lock, NULL);
+	pthread_mutex_init(&c->seg_lock, NULL);
+	c->nsegs = (uint32_t)(c->dev->geo.log_bytes / FT_WLOG_SEG_BYTES);
+	c->seg_used = calloc(c->nsegs ? c->nsegs : 1, 1);
+	c->seg_free = calloc(c->nsegs ? c->nsegs : 1, sizeof(*c->seg_free));
+	if (!c->seg_used || !c->seg_free) {
+		ft_cache_close(c);
+		return -ENOMEM;
+	}
 	c->cfg = cc;
 	*out = c;
 	return 0;
@@ -170,6 +185,17 @@ int ft_cache_add_volume(struct ft_cache *c, const struct ft_volume_config *vc, u
 	v->ident = ft_cache_volume_ident(vc->name, vc->backing, size);
 	v->nblocks = size / FT_CACHE_BLOCK;
 	v->stats = stats;
+	if (v->policy.mode == FT_CACHE_WRITE_BACK && size % FT_CACHE_BLOCK) {
+		ft_warn("volume '%s': write-back needs a size that is a multiple of 4 KiB (it is %llu "
+			"bytes); using write-through",
+			vc->name, (unsigned long long)size);
+		v->policy.mode = FT_CACHE_WRITE_THROUGH;
+	}
+	v->wb.switch_to = v->policy.mode;
+	if (v->policy.mode == FT_CACHE_WRITE_BACK) /* the log gives FLUSH and FUA their meaning */
+		v->base.caps |= FT_BACKEND_CAN_FLUSH | FT_BACKEND_CAN_FUA |
+				FT_BACKEND_FLUSH_COVERS_ALL;
+	v->wb.on = v->policy.mode == FT_CACHE_WRITE_BACK;
 	ft_seqdetect_init(&v->seq, v->policy.sequential_cutoff);
 	c->vols[c->nvols++] = v;
 	*backend = &v->base;
@@ -194,6 +220,7 @@ static void assign_ids(struct ft_cache *c, bool *kept)
 			if (dev->volumes[j].ident == v->ident && id <= FT_CACHE_MAX_VOLUMES &&
 			    !used[id]) {
 				v->id = id;
+				v->wb.epoch = dev->volumes[j].epoch;
 				used[id] = true;
 				kept[i] = true;
 				break;
@@ -209,10 +236,11 @@ static void assign_ids(struct ft_cache *c, bool *kept)
 			while (used[id])
 				id++;
 			v->id = id;
+			v->wb.epoch = dev->epoch_next++; /* no old record of the id can match it */
 			used[id] = true;
 			ft_info("volume '%s': new to the cache (id %u)", v->cfg->name, id);
 		}
-		table[n++] = (struct ft_cache_volent){ v->ident, v->id };
+		table[n++] = (struct ft_cache_volent){ v->ident, v->id, v->wb.epoch };
 		c->by_id[v->id] = v;
 	}
 	for (uint32_t j = 0; j < dev->nvolumes; j++) {
@@ -253,7 +281,10 @@ static int part_create(struct ft_cache *c, unsigned index, uint64_t first, uint3
 	rc = part_meta_init(p);
 	if (rc < 0)
 		return rc;
-	return ft_backend_file_open(c->cfg->path, false, &p->dev);
+	rc = ft_backend_file_open(c->cfg->path, false, &p->dev);
+	if (rc < 0)
+		return rc;
+	return ft_powercut_wrap(&p->dev);
 }
 
 static void part_destroy(struct cache_part *p)
@@ -341,6 +372,9 @@ static struct cache_vol *restorable(struct ft_cache *c, uint64_t g, ft_cache_key
 	    FT_CACHE_KEY_BLOCK(key) >= v->nblocks || v->used >= v->quota ||
 	    ft_cachedir_find(p->dir, key) != FT_CACHEDIR_NONE)
 		return NULL;
+	/* The log holds newer data of the block: its clean record is stale (W4). */
+	if (v->wb.map.t && wb_map_find(&v->wb.map, FT_CACHE_KEY_BLOCK(key)))
+		return NULL;
 	return v;
 }
 
@@ -424,15 +458,109 @@ static int restore(struct ft_cache *c, const bool *kept_by_index)
 	return 0;
 }
 
+/* Dirty limits and watermarks, in bytes of log. */
+static void wb_limits(struct ft_cache *c)
+{
+	uint64_t log = c->dev->geo.log_bytes;
+	unsigned n = 0;
+
+	for (size_t i = 0; i < c->nvols; i++)
+		n += c->vols[i]->wb.on;
+	for (size_t i = 0; i < c->nvols; i++) {
+		struct cache_vol *v = c->vols[i];
+		struct wb_vol *w = &v->wb;
+		const struct ft_volume_policy *pol = &v->policy;
+		uint64_t lim = pol->dirty_limit_bytes	? pol->dirty_limit_bytes
+			       : pol->dirty_limit_percent ? log / 100 * pol->dirty_limit_percent
+						       : log / (n ? n : 1);
+
+		if (!w->on)
+			continue;
+		lim = lim / FT_WLOG_SEG_BYTES * FT_WLOG_SEG_BYTES;
+		if (lim > log)
+			lim = log;
+		if (lim < FT_WLOG_MIN_LIMIT)
+			lim = FT_WLOG_MIN_LIMIT;
+		if (log < FT_WLOG_MIN_LIMIT)
+			ft_warn("volume '%s': the write-back log is only %llu MiB; writes will wait "
+				"for the destager often",
+				v->cfg->name, (unsigned long long)(log >> 20));
+		w->limit = lim;
+		w->high = lim / 100 * pol->dirty_high_percent;
+		w->low = lim / 100 * pol->dirty_low_percent;
+		ft_stat_add(&v->stats->log_limit_bytes, lim);
+		ft_stat_add(&v->stats->write_back, 1);
+	}
+}
+
+/* Replay the write-back log; volumes without dirty data start a fresh stream. */
+static int wb_setup(struct ft_cache *c, const struct ft_cache_volent *old, uint32_t nold)
+{
+	int rc;
+
+	for (size_t i = 0; i < c->nvols; i++) {
+		rc = wb_vol_init(c->vols[i], c->nsegs);
+		if (rc < 0)
+			return rc;
+	}
+	rc = wb_recover(c, old, nold);
+	if (rc < 0)
+		return rc;
+	for (size_t i = 0; i < c->nvols; i++) {
+		struct cache_vol *v = c->vols[i];
+		struct wb_vol *w = &v->wb;
+
+		if (w->dirty_blocks)
+			continue;
+		/* Nothing to replay: void whatever the stream held (W5 holds trivially). */
+		for (uint64_t s = w->tail; s <= w->head && w->head >= w->tail; s++)
+			c->seg_used[wb_seg_of(v, s)->index] = 0;
+		w->tail = 1;
+		w->head = 0;
+		w->resume = false;
+		for (uint32_t j = 0; j < c->dev->nvolumes; j++)
+			if (c->dev->volumes[j].id == v->id)
+				w->epoch = c->dev->volumes[j].epoch = c->dev->epoch_next++;
+		if (w->switch_to != FT_CACHE_WRITE_BACK)
+			w->on = false;
+	}
+	c->nfree = 0;
+	for (uint32_t i = c->nsegs; i-- > 0;)
+		if (!c->seg_used[i])
+			c->seg_free[c->nfree++] = i;
+	for (size_t i = 0; i < c->nvols; i++) {
+		struct cache_vol *v = c->vols[i];
+
+		if (v->wb.on && v->wb.head >= v->wb.tail)
+			ft_stat_add(&v->stats->log_used_bytes, wb_log_used(v));
+		if (v->wb.on && v->wb.switch_to != FT_CACHE_WRITE_BACK)
+			ft_info("volume '%s': configured %s, but %llu bytes of write-back data are "
+				"still dirty; writing them back first",
+				v->cfg->name, ft_cache_mode_name(v->wb.switch_to),
+				(unsigned long long)v->wb.dirty_blocks * FT_CACHE_BLOCK);
+	}
+	wb_limits(c);
+	return 0;
+}
+
 int ft_cache_start(struct ft_cache *c, unsigned n_reactors)
 {
 	bool kept[FT_CACHE_MAX_VOLUMES];
+	struct ft_cache_volent old[FT_CACHE_MAX_VOLUMES];
+	uint32_t nold = c->dev->nvolumes;
 	int rc;
 
+	memcpy(old, c->dev->volumes, nold * sizeof(old[0]));
 	assign_ids(c, kept);
 	rc = partition(c, n_reactors);
 	if (rc < 0) {
 		ft_err("cache %s: cannot set up: %s", c->cfg->path, strerror(-rc));
+		return rc;
+	}
+	rc = wb_setup(c, old, nold);
+	if (rc < 0) {
+		if (rc == -ENOMEM)
+			ft_err("cache %s: out of memory", c->cfg->path);
 		return rc;
 	}
 	rc = restore(c, kept);
@@ -465,10 +593,33 @@ int ft_cache_start(struct ft_cache *c, unsigned n_reactors)
 	return 0;
 }
 
+static void drain_fn(struct ft_reactor *r, struct ft_msg *m)
+{
+	struct cache_part *p = (struct cache_part *)((char *)m - offsetof(struct cache_part, drain_msg));
+
+	(void)r;
+	__atomic_store_n(&p->drain_posted, 0, __ATOMIC_RELEASE);
+	for (size_t i = 0; i < p->nvols; i++)
+		wb_drain(p->vols[i]);
+}
+
+void ft_cache_drain(struct ft_cache *c, struct ft_reactor **reactors)
+{
+	for (unsigned r = 0; r < c->nparts; r++) {
+		struct cache_part *p = c->parts[r];
+
+		if (!p || __atomic_exchange_n(&p->drain_posted, 1, __ATOMIC_ACQ_REL))
+			continue;
+		p->drain_msg.fn = drain_fn;
+		ft_reactor_post(reactors[r], &p->drain_msg);
+	}
+}
+
 void ft_cache_global_stats(const struct ft_cache *c, struct ft_cache_global_stats *out)
 {
 	out->slots = c->dev->geo.nslots;
 	out->memory_bytes = c->memory;
+	out->log_bytes = c->dev->geo.log_bytes;
 }
 
 /* Write every dirty record page (blocking; reactors are stopped). */
@@ -519,9 +670,14 @@ void ft_cache_close(struct ft_cache *c)
 			part_destroy(c->parts[r]);
 		free(c->parts);
 	}
-	for (size_t i = 0; i < c->nvols; i++)
+	for (size_t i = 0; i < c->nvols; i++) {
+		wb_vol_free(c->vols[i]);
 		free(c->vols[i]);
+	}
 	pthread_mutex_destroy(&c->sb_lock);
+	pthread_mutex_destroy(&c->seg_lock);
+	free(c->seg_used);
+	free(c->seg_free);
 	ft_cachedev_close(c->dev);
 	free(c);
 }

@@ -19,40 +19,6 @@
 #define PREFETCH_CHUNK (4u << 20)
 #define HIT_SLOTS_ON_STACK 64
 
-struct cache_op;
-
-/* One device read of a run of consecutive slots on the hit path. */
-struct hit_run {
-	struct ft_bio bio;
-	struct cache_op *op;
-};
-
-struct cache_op {
-	struct ft_bio *parent;
-	struct cache_vol *v;
-	struct ft_bio child; /* to the backing store */
-	struct cache_waiter wait;
-	struct cache_op *wprev, *wnext; /* the volume's in-flight writes */
-	struct cache_op *qnext;          /* the volume's queued writes */
-	bool overlapped;                 /* another write to the same blocks was in flight */
-	bool admit;
-	uint32_t pending;
-	int error;
-	/* Hit path. */
-	void *dst;    /* where block b0 lands: the caller's buffer or a bounce buffer */
-	void *bounce;
-	uint32_t nblocks;
-	uint32_t *slots;
-	uint32_t *crcs;
-	struct hit_run *runs;
-	/* Miss path: slots being filled, FT_CACHEDIR_NONE where none. */
-	uint32_t nfills;
-	uint32_t *fill_slots;
-	/* Write-through: the fills carrying this write's data. */
-	struct cache_fill **wt_fills;
-	uint32_t nwt;
-};
-
 struct cache_fill {
 	struct ft_bio bio;
 	struct cache_vol *v;
@@ -279,6 +245,7 @@ static void op_finish(struct cache_op *op, int error)
 	struct ft_bio *parent = op->parent;
 
 	free(op->bounce);
+	free(op->rmw);
 	free(op);
 	parent->end_io(parent, error);
 }
@@ -562,9 +529,8 @@ static void vol_prefetch(struct cache_vol *v, struct ft_bio *bio)
 
 static void run_queue(struct cache_vol *v);
 
-static void write_end_io(struct ft_bio *bio, int error)
+void op_write_done(struct cache_op *op, int error)
 {
-	struct cache_op *op = (struct cache_op *)((char *)bio - offsetof(struct cache_op, child));
 	struct cache_vol *v = op->v;
 
 	if (op->wprev)
@@ -581,6 +547,11 @@ static void write_end_io(struct ft_bio *bio, int error)
 	op_finish(op, error);
 	if (v->queued)
 		run_queue(v);
+}
+
+static void write_end_io(struct ft_bio *bio, int error)
+{
+	op_write_done((struct cache_op *)((char *)bio - offsetof(struct cache_op, child)), error);
 }
 
 static void write_submit(struct cache_op *op)
@@ -673,6 +644,15 @@ static void write_start(struct cache_op *op)
 	v->writes = op;
 	part_io_get(v->part);
 	wait = invalidate(v, off / BLK, (end + BLK - 1) / BLK);
+	if (v->wb.on) {
+		/*
+		 * No need to wait for the invalidation's round: the log record
+		 * supersedes any clean record of these blocks at a replay, and the
+		 * log keeps it until a round has made the invalidation durable (W4).
+		 */
+		wb_write(op);
+		return;
+	}
 	if (op->wt_fills && op->admit && !op->overlapped && !v->passthrough) {
 		struct cache_part *p = v->part;
 
@@ -753,7 +733,7 @@ static void vol_write(struct cache_vol *v, struct ft_bio *bio)
 {
 	uint64_t off = bio->offset, end = off + bio->len;
 	uint64_t first = (off + BLK - 1) / BLK, last = end / BLK; /* whole blocks written */
-	bool wt = bio->op == FT_BIO_WRITE && v->policy.mode == FT_CACHE_WRITE_THROUGH;
+	bool wt = bio->op == FT_BIO_WRITE && v->policy.mode == FT_CACHE_WRITE_THROUGH && !v->wb.on;
 	uint32_t nwt = wt && last > first ? (uint32_t)(last - first) : 0;
 	struct cache_op *op = op_new(v, bio, nwt, false), **pp;
 
@@ -796,6 +776,7 @@ static int cache_attach(struct ft_backend *b, struct ft_reactor *r)
 		}
 		p->attached = true;
 	}
+	wb_start_volume(v);
 	return 0;
 }
 
@@ -809,6 +790,11 @@ static void cache_submit(struct ft_backend *b, struct ft_bio *bio)
 	}
 	switch (bio->op) {
 	case FT_BIO_READ:
+		if (v->wb.on && v->wb.dirty_blocks &&
+		    wb_any_dirty(v, bio->offset / BLK, (bio->offset + bio->len + BLK - 1) / BLK)) {
+			wb_read(v, bio);
+			return;
+		}
 		vol_read(v, bio);
 		return;
 	case FT_BIO_WRITE:
@@ -819,7 +805,12 @@ static void cache_submit(struct ft_backend *b, struct ft_bio *bio)
 	case FT_BIO_CACHE:
 		vol_prefetch(v, bio);
 		return;
-	default: /* FLUSH: the cache holds nothing the store lacks */
+	default:
+		if (v->wb.on) {
+			wb_flush(v, bio);
+			return;
+		}
+		/* FLUSH: the cache holds nothing the store lacks */
 		ft_bio_submit(v->inner, bio);
 		return;
 	}
@@ -851,6 +842,15 @@ void vol_go_passthrough(struct cache_vol *v, const char *why)
 
 	if (v->passthrough)
 		return;
+	if (v->wb.on) {
+		/* Its dirty data lives on the device: dropping the cache would lose it. */
+		if (!v->wb.failed_logged)
+			ft_err("volume '%s': %s, but it holds write-back data on the device; keeping "
+			       "it (writes may fail until the device recovers)",
+			       v->cfg->name, why);
+		v->wb.failed_logged = true;
+		return;
+	}
 	v->passthrough = true;
 	ft_stat_add(&v->stats->passthrough, 1);
 	ft_err("volume '%s': %s; serving it without the cache from now on", v->cfg->name, why);

@@ -62,6 +62,7 @@
 #include "flashtier/cachedev.h"
 #include "flashtier/cachedir.h"
 #include "flashtier/policy.h"
+#include "flashtier/wlog.h"
 
 enum slot_state {
 	SLOT_FREE = 0,
@@ -131,10 +132,152 @@ struct cache_part {
 	uint32_t fills_inflight;
 	uint32_t io_inflight; /* device I/O and rounds: holds the reactor */
 	bool failed;          /* a record write failed: every volume here is pass-through */
+	struct ft_msg drain_msg;
+	int drain_posted;     /* atomic: drain_msg is queued */
 };
 
-/* A write (WRITE, TRIM, WRITE_ZEROES) in flight to a cached volume's store. */
-struct cache_op;
+struct cache_vol;
+struct cache_fill;
+/* One device read of a run of consecutive slots on the hit path. */
+struct hit_run {
+	struct ft_bio bio;
+	struct cache_op *op;
+};
+
+struct cache_op {
+	struct ft_bio *parent;
+	struct cache_vol *v;
+	struct ft_bio child; /* to the backing store */
+	struct cache_waiter wait;
+	struct cache_op *wprev, *wnext; /* the volume's in-flight writes */
+	struct cache_op *qnext;          /* the volume's queued writes */
+	bool overlapped;                 /* another write to the same blocks was in flight */
+	bool admit;
+	uint32_t pending;
+	int error;
+	/* Hit path. */
+	void *dst;    /* where block b0 lands: the caller's buffer or a bounce buffer */
+	void *bounce;
+	uint32_t nblocks;
+	uint32_t *slots;
+	uint32_t *crcs;
+	struct hit_run *runs;
+	/* Miss path: slots being filled, FT_CACHEDIR_NONE where none. */
+	uint32_t nfills;
+	uint32_t *fill_slots;
+	/* Write-through: the fills carrying this write's data. */
+	struct cache_fill **wt_fills;
+	uint32_t nwt;
+	/* Write-back: up to three pieces (partial head block, body, partial tail block). */
+	struct wb_unit {
+		uint8_t type;       /* FT_WLOG_DATA, _ZERO, _TRIM */
+		uint64_t b0, b1;    /* blocks */
+		const char *data;   /* DATA: block b0's new content, then b0 + 1's, ... */
+	} units[3];
+	uint32_t nunits, unit, unit_next; /* logging progress: unit, next block in it */
+	uint32_t pages;                   /* page writes of this op in flight */
+	void *rmw;                        /* merged partial blocks */
+	uint32_t rmw_pending;
+	struct cache_op *bnext;           /* the volume's batch */
+	bool throttled;
+};
+
+
+/*
+ * ---- write-back (writeback.c, destage.c, recovery.c) ----
+ *
+ * Each write-back volume appends its writes to its own stream of log
+ * segments (format in wlog.h) and keeps, in RAM, a dirty map: for every
+ * block not yet on the store, the newest record for it (its seq, and where
+ * its data is in the log, or that it reads as zeroes).
+ *
+ * Invariants:
+ *  W1 a WRITE is acknowledged only after its page write completed (FUA:
+ *     and a device flush after that); FLUSH completes after a device flush
+ *     that started after every acknowledged write's page completed;
+ *  W2 the dirty map names the newest acknowledged data of every block it
+ *     holds; a block not in it has its newest data in the store (or, clean,
+ *     in the read cache); reads look in that order;
+ *  W3 at most one destage of a block is in flight, and an entry leaves the
+ *     map only when the store acknowledged the very record it holds (its
+ *     seq is unchanged); a newer record stays dirty;
+ *  W4 segments are given back oldest first, and only after (a) every
+ *     record in them is destaged or superseded, (b) the store was flushed
+ *     since, and (c) a flushed record round made the clean-cache
+ *     invalidations durable since: so replaying a stream from any segment
+ *     still on disk never brings back data older than what the store, or
+ *     the read cache, holds;
+ *  W5 a page is written with the volume's current epoch; an epoch is
+ *     bumped (voiding every older record) only when the volume has no
+ *     dirty data, after steps (b) and (c), and no page is written while
+ *     that is under way.
+ */
+#define WB_LOC_ZERO UINT32_MAX
+#define WB_LOC_TRIM (UINT32_MAX - 1)
+
+struct wb_ent {
+	uint64_t key;  /* block + 1; 0 = an empty slot */
+	uint64_t seq;  /* its record's seq */
+	uint32_t loc;  /* log block of its data (from the log's start), or WB_LOC_ZERO/TRIM */
+	uint32_t ring; /* its segment's place in the stream ring */
+};
+
+struct wb_map {
+	struct wb_ent *t;
+	uint32_t mask; /* table size - 1 (a power of two) */
+	uint32_t n;
+};
+
+struct wb_seg {
+	uint32_t index;     /* segment number in the log region */
+	uint64_t seq;       /* seg_seq */
+	uint32_t live;      /* dirty-map entries pointing here */
+	uint32_t busy;      /* page writes and log reads in flight */
+	uint32_t used;      /* blocks written: the next page starts here */
+	uint64_t opened_ns;
+	uint64_t *blocks;   /* blocks recorded here, in record order (the destage scan) */
+	uint32_t nblocks, cap;
+	uint32_t cursor;    /* destage scan position in blocks[] */
+};
+
+struct wb_page_io;
+struct destage_io;
+
+struct wb_vol {
+	bool on;              /* write-back in effect (configured, or old dirty data drains) */
+	enum ft_cache_mode switch_to; /* mode once the old dirty data is drained */
+	uint32_t epoch;
+	/* The stream: segments tail..head (seg_seq), ring[seq % ring_cap]. */
+	struct wb_seg *ring;
+	uint32_t ring_cap;
+	uint64_t tail, head;  /* no segment held when head < tail */
+	bool resume;          /* the next page starts a stream after a recovery cut */
+	uint64_t next_page_seq, next_rec_seq;
+	uint64_t completed_seq; /* every page up to it has completed */
+	uint64_t durable_seq, flush_snap;
+	uint64_t reclaim_upto;
+	struct cache_waiter reclaim_wait;
+	struct ft_bio store_flush;
+	struct wb_page_io *pages; /* in flight, oldest first */
+	struct wb_page_io **pages_tail;
+	struct wb_map map;
+	uint64_t dirty_blocks;
+	/* Writes ready to be logged, oldest first. */
+	struct cache_op *batch, **batch_tail;
+	struct ft_deferred build;
+	/* Limits (bytes of log) and destage state. */
+	uint64_t limit, high, low;
+	bool above_high, draining, drain_logged, throttled;
+	bool reclaiming, voiding, failed_logged;
+	uint32_t destage_inflight;
+	struct destage_io *destages; /* in flight */
+	double tokens;
+	uint64_t tokens_ns;
+	uint32_t backoff_ms;
+	uint64_t retry_at_ns;
+	struct ft_timer tick;
+	struct ft_reactor *reactor;
+};
 
 struct cache_vol {
 	struct ft_backend base; /* must be first: the volume sees this */
@@ -157,6 +300,7 @@ struct cache_vol {
 	bool queue_running, queue_again;
 	uint32_t device_errors;
 	bool passthrough;
+	struct wb_vol wb;
 };
 
 struct ft_cache {
@@ -169,6 +313,13 @@ struct ft_cache {
 	struct cache_part **parts;
 	unsigned nparts;
 	uint64_t memory;
+	/* Log segments: which are free (shared by every reactor, under seg_lock). */
+	pthread_mutex_t seg_lock;
+	uint32_t nsegs;
+	uint8_t *seg_used;
+	uint32_t *seg_free;
+	uint32_t nfree;
+	unsigned n_wb; /* volumes in write-back at start */
 };
 
 /* ---- meta.c: record pages, rounds, the stale-record filter ---- */
@@ -189,6 +340,51 @@ void part_encode_page(const struct cache_part *p, uint32_t page, void *buf);
 void part_io_get(struct cache_part *p);
 void part_io_put(struct cache_part *p);
 
+/* ---- writeback.c ---- */
+
+int wb_map_init(struct wb_map *m, uint32_t size);
+struct wb_ent *wb_map_find(const struct wb_map *m, uint64_t block);
+/* Insert or find @block's entry (its key set); NULL without memory. */
+struct wb_ent *wb_map_get(struct wb_map *m, uint64_t block);
+void wb_map_del(struct wb_map *m, struct wb_ent *e);
+
+/* Set up @v's write-back state (main thread, before recovery). */
+int wb_vol_init(struct cache_vol *v, uint32_t ring_cap);
+void wb_vol_free(struct cache_vol *v);
+struct wb_seg *wb_seg_of(struct cache_vol *v, uint64_t seq);
+/* A record replayed or just written: make it @block's dirty entry if newer. */
+void wb_apply(struct cache_vol *v, uint64_t block, uint64_t seq, uint32_t loc, uint64_t seg_seq);
+/* Take a segment from the pool (any thread); UINT32_MAX if none. */
+uint32_t wb_seg_alloc(struct ft_cache *c);
+void wb_seg_release(struct ft_cache *c, uint32_t index);
+uint64_t wb_log_used(const struct cache_vol *v);
+void wb_kick_build(struct cache_vol *v);
+void wb_read(struct cache_vol *v, struct ft_bio *bio);
+/* Does [b0, b1) hold a dirty block? */
+bool wb_any_dirty(const struct cache_vol *v, uint64_t b0, uint64_t b1);
+void wb_write(struct cache_op *op);
+void wb_flush(struct cache_vol *v, struct ft_bio *bio);
+/* Device flush hooks from the record rounds (meta.c). */
+void wb_part_flush_sent(struct cache_part *p);
+void wb_part_flush_done(struct cache_part *p);
+
+/* ---- destage.c ---- */
+
+void wb_destage_kick(struct cache_vol *v);
+void wb_start_volume(struct cache_vol *v);
+/* Drain @v (SIGUSR1): reactor thread. */
+void wb_drain(struct cache_vol *v);
+void wb_seg_check_reclaim(struct cache_vol *v);
+
+/* ---- recovery.c ---- */
+
+/*
+ * Replay every write-back stream on the device into its volume's dirty map;
+ * refuse (-EUCLEAN, after logging) dirty data of a volume not configured
+ * unless discard_dirty, and flushed log pages that do not verify (-EBADMSG).
+ */
+int wb_recover(struct ft_cache *c, const struct ft_cache_volent *old, uint32_t nold);
+
 /* ---- cache.c ---- */
 
 /*
@@ -200,6 +396,8 @@ int cache_mark_untrusted(struct ft_cache *c, const char *why);
 /* ---- engine.c ---- */
 
 extern const struct ft_backend_ops cache_backend_ops;
+/* A write @op is done (store or log): leave the in-flight list, complete it, start queued ones. */
+void op_write_done(struct cache_op *op, int error);
 /* Stop caching @v (device errors): drop its id from the device first. Reactor thread. */
 void vol_go_passthrough(struct cache_vol *v, const char *why);
 /* Every volume of @p goes pass-through (a record write failed). */

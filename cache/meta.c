@@ -130,6 +130,8 @@ static void round_end(struct cache_part *p)
 		memset(p->bloom_old, 0, BLOOM_BITS / 8);
 		p->bloom_old_any = false;
 		p->rounds_flushed = r;
+		if (p->round_flushing)
+			wb_part_flush_done(p);
 		fire_waiters(p, r, error);
 	}
 	if (p->ndirty || p->waiters)
@@ -148,6 +150,7 @@ static void round_io_done(struct cache_part *p, int error)
 		/* Page writes are done: one flush makes them durable for every waiter. */
 		p->round_flushing = true;
 		p->round_pending = 1;
+		wb_part_flush_sent(p);
 		ft_bio_submit(p->dev, &p->flush_bio);
 		return;
 	}

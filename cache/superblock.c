@@ -14,6 +14,7 @@
 
 #include "flashtier/cachedev.h"
 #include "flashtier/crc32c.h"
+#include "flashtier/wlog.h"
 
 static uint64_t round_up(uint64_t v, uint64_t a)
 {
@@ -28,18 +29,28 @@ static uint64_t data_offset_for(uint64_t n)
 	return round_up(2 * FT_CACHE_SB_BYTES + meta, FT_CACHE_DATA_ALIGN);
 }
 
-int ft_cache_geometry(uint64_t device_bytes, struct ft_cache_geometry *g)
+uint64_t ft_cache_default_log_bytes(uint64_t device_bytes)
 {
-	uint64_t lo = 0, hi;
+	return device_bytes / 4 / FT_WLOG_SEG_BYTES * FT_WLOG_SEG_BYTES;
+}
+
+int ft_cache_geometry(uint64_t device_bytes, uint64_t log_bytes, struct ft_cache_geometry *g)
+{
+	uint64_t lo = 0, hi, log_offset;
 
 	if (device_bytes < FT_CACHE_MIN_BYTES)
 		return -ENOSPC;
+	log_bytes = log_bytes / FT_WLOG_SEG_BYTES * FT_WLOG_SEG_BYTES;
+	log_offset = device_bytes / FT_CACHE_DATA_ALIGN * FT_CACHE_DATA_ALIGN;
+	if (log_bytes > log_offset)
+		return -ENOSPC;
+	log_offset -= log_bytes;
 	/* The most slots whose data and metadata fit: the space used grows with n. */
-	hi = device_bytes / FT_CACHE_BLOCK;
+	hi = log_offset / FT_CACHE_BLOCK;
 	while (lo < hi) {
 		uint64_t mid = lo + (hi - lo + 1) / 2;
 
-		if (data_offset_for(mid) + mid * FT_CACHE_BLOCK <= device_bytes)
+		if (data_offset_for(mid) + mid * FT_CACHE_BLOCK <= log_offset)
 			lo = mid;
 		else
 			hi = mid - 1;
@@ -50,6 +61,8 @@ int ft_cache_geometry(uint64_t device_bytes, struct ft_cache_geometry *g)
 	g->meta_bytes = round_up(lo * FT_CACHE_META_BYTES, FT_CACHE_BLOCK);
 	g->data_offset = data_offset_for(lo);
 	g->nslots = lo;
+	g->log_offset = log_offset;
+	g->log_bytes = log_bytes;
 	return lo >= 16 ? 0 : -ENOSPC;
 }
 
@@ -70,6 +83,8 @@ void ft_cache_sb_encode(struct ft_cache_sb *sb, const struct ft_cache_geometry *
 	sb->data_offset = htole64(g->data_offset);
 	sb->nslots = htole64(g->nslots);
 	sb->flags = htole32(flags);
+	sb->log_offset = htole64(g->log_offset);
+	sb->log_bytes = htole64(g->log_bytes);
 	sb->crc = htole32(ft_crc32c(0, sb, offsetof(struct ft_cache_sb, crc)));
 }
 
@@ -107,6 +122,8 @@ enum ft_cache_sb_state ft_cache_sb_decode(const struct ft_cache_sb *sb, struct f
 	/* The version is read before the CRC: a newer layout may checksum differently. */
 	if (le32toh(sb->version) > FT_CACHE_VERSION)
 		return FT_SB_NEWER;
+	if (le32toh(sb->version) < FT_CACHE_VERSION)
+		return FT_SB_OLDER;
 	if (le32toh(sb->crc) != ft_crc32c(0, sb, offsetof(struct ft_cache_sb, crc)))
 		return FT_SB_CORRUPT;
 	if (le32toh(sb->version) != FT_CACHE_VERSION || le32toh(sb->sb_bytes) != FT_CACHE_SB_BYTES ||
@@ -122,8 +139,11 @@ enum ft_cache_sb_state ft_cache_sb_decode(const struct ft_cache_sb *sb, struct f
 	got.meta_bytes = le64toh(sb->meta_bytes);
 	got.data_offset = le64toh(sb->data_offset);
 	got.nslots = le64toh(sb->nslots);
-	/* Geometry is a function of the size: anything else was not written by us. */
-	if (ft_cache_geometry(got.device_bytes, &want) < 0 || memcmp(&want, &got, sizeof(got)) != 0)
+	got.log_offset = le64toh(sb->log_offset);
+	got.log_bytes = le64toh(sb->log_bytes);
+	/* Geometry is a function of the sizes: anything else was not written by us. */
+	if (ft_cache_geometry(got.device_bytes, got.log_bytes, &want) < 0 ||
+	    memcmp(&want, &got, sizeof(got)) != 0)
 		return FT_SB_CORRUPT;
 	if (g)
 		*g = got;
@@ -182,9 +202,11 @@ int ft_cachedev_write_sb(struct ft_cachedev *dev, uint32_t flags)
 		return -ENOMEM;
 	ft_cache_sb_encode(sb, &dev->geo, dev->uuid, dev->seq + 1, flags);
 	sb->nvolumes = htole32(dev->nvolumes);
+	sb->epoch_next = htole32(dev->epoch_next);
 	for (uint32_t i = 0; i < dev->nvolumes; i++) {
 		sb->volumes[i].ident = htole64(dev->volumes[i].ident);
 		sb->volumes[i].id = htole16(dev->volumes[i].id);
+		sb->volumes[i].epoch = htole32(dev->volumes[i].epoch);
 	}
 	sb->crc = htole32(ft_crc32c(0, sb, offsetof(struct ft_cache_sb, crc)));
 	for (int copy = 0; copy < 2; copy++) {
@@ -242,6 +264,7 @@ static int format(struct ft_cachedev *dev)
 		return -EIO;
 	dev->seq = 0;
 	dev->nvolumes = 0;
+	dev->epoch_next = 1;
 	dev->formatted_now = true;
 	/* Clear the metadata area: no stale mapping may survive a reformat. */
 	for (uint64_t off = 0; off < dev->geo.meta_bytes; off += 1u << 20) {
@@ -264,8 +287,8 @@ static const char *uuid_str(const uint8_t u[16], char out[37])
 	return out;
 }
 
-int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_cachedev **out,
-		     char *err, size_t err_len)
+int ft_cachedev_open(const char *path, uint64_t size, uint64_t log_bytes, uint32_t log_percent,
+		     bool reformat, struct ft_cachedev **out, char *err, size_t err_len)
 {
 	struct ft_cachedev *dev = calloc(1, sizeof(*dev));
 	struct ft_cache_sb *sb = NULL;
@@ -291,11 +314,16 @@ int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_c
 		goto fail;
 	}
 	rc = device_size(dev->fd, size, &bytes, &fmt_bytes);
-	if (rc == 0)
-		rc = ft_cache_geometry(fmt_bytes, &dev->geo);
+	if (rc == 0) {
+		if (!log_bytes)
+			log_bytes = log_percent ? fmt_bytes / 100 * log_percent
+						: ft_cache_default_log_bytes(fmt_bytes);
+		rc = ft_cache_geometry(fmt_bytes, log_bytes, &dev->geo);
+	}
 	if (rc < 0) {
 		snprintf(err, err_len, "%s: %s", path,
-			 rc == -ENOSPC ? "too small for a cache (at least 2 MiB)"
+			 rc == -ENOSPC ? "too small for a cache with that log (at least 2 MiB, and "
+					 "room for 16 blocks besides the log)"
 				       : strerror(-rc));
 		goto fail;
 	}
@@ -342,9 +370,11 @@ int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_c
 		dev->seq = seq[best];
 		dev->flags = flags[best];
 		dev->nvolumes = le32toh(sb[best].nvolumes);
+		dev->epoch_next = le32toh(sb[best].epoch_next);
 		for (uint32_t i = 0; i < dev->nvolumes; i++) {
 			dev->volumes[i].ident = le64toh(sb[best].volumes[i].ident);
 			dev->volumes[i].id = le16toh(sb[best].volumes[i].id);
+			dev->volumes[i].epoch = le32toh(sb[best].volumes[i].epoch);
 		}
 		if (st[!best] != FT_SB_VALID || seq[!best] != seq[best]) {
 			/* Rewrite both so the damaged or stale copy matches again. */
@@ -359,6 +389,16 @@ int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_c
 		snprintf(err, err_len, "%s: cache %s, %llu slots", path, uuid_str(dev->uuid, u),
 			 (unsigned long long)dev->geo.nslots);
 		rc = 0;
+		goto done;
+	}
+	if (st[0] == FT_SB_OLDER || st[1] == FT_SB_OLDER) {
+		/* An older format held clean copies only: nothing is lost by starting anew. */
+		dev->upgraded_from = le32toh(sb[st[0] == FT_SB_OLDER ? 0 : 1].version);
+		rc = grow_for_format(dev->fd, bytes, fmt_bytes);
+		if (rc == 0)
+			rc = format(dev);
+		if (rc < 0)
+			snprintf(err, err_len, "%s: format failed: %s", path, strerror(-rc));
 		goto done;
 	}
 	if (st[0] == FT_SB_NEWER || st[1] == FT_SB_NEWER) {

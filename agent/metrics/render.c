@@ -188,6 +188,35 @@ static void cache_metrics(struct out *o, const struct ft_metrics_volume *vols, s
 		{ "flashtier_cache_passthrough", "gauge",
 		  "1 if the volume stopped using the cache after device errors.",
 		  offsetof(struct ft_cache_stats, passthrough), 1 },
+		{ "flashtier_cache_write_back", "gauge",
+		  "1 while the volume runs in write-back mode (configured, or draining old data).",
+		  offsetof(struct ft_cache_stats, write_back), 1 },
+		{ "flashtier_cache_dirty_bytes", "gauge",
+		  "Write-back data not yet written to the backing store.",
+		  offsetof(struct ft_cache_stats, dirty_bytes), 1 },
+		{ "flashtier_cache_dirty_oldest_seconds", "gauge",
+		  "Age of the oldest dirty data (0 when none).",
+		  offsetof(struct ft_cache_stats, dirty_oldest_seconds), 1 },
+		{ "flashtier_cache_destaged_bytes_total", "counter",
+		  "Bytes written back to the backing store.",
+		  offsetof(struct ft_cache_stats, destaged_bytes), 1 },
+		{ "flashtier_cache_destage_errors_total", "counter",
+		  "Backing-store errors while writing back (the data stays dirty).",
+		  offsetof(struct ft_cache_stats, destage_errors), 1 },
+		{ "flashtier_cache_destage_retrying", "gauge",
+		  "1 while writing back backs off after backing-store errors.",
+		  offsetof(struct ft_cache_stats, destage_retrying), 1 },
+		{ "flashtier_cache_log_used_bytes", "gauge",
+		  "Write-back log space the volume holds (whole segments).",
+		  offsetof(struct ft_cache_stats, log_used_bytes), 1 },
+		{ "flashtier_cache_log_limit_bytes", "gauge",
+		  "Most write-back log space the volume may hold (dirty_limit).",
+		  offsetof(struct ft_cache_stats, log_limit_bytes), 1 },
+		{ "flashtier_cache_throttled_writes_total", "counter",
+		  "Writes that had to wait for write-back log space.",
+		  offsetof(struct ft_cache_stats, throttled_writes), 1 },
+		{ "flashtier_cache_draining", "gauge", "1 while a drain of the volume runs.",
+		  offsetof(struct ft_cache_stats, draining), 1 },
 	};
 
 	if (!srv->has_cache)
@@ -197,6 +226,8 @@ static void cache_metrics(struct out *o, const struct ft_metrics_volume *vols, s
 	header(o, "flashtier_cache_memory_bytes", "gauge",
 	       "RAM used by the cache directory and per-block state.");
 	put(o, "flashtier_cache_memory_bytes %llu\n", (unsigned long long)srv->cache.memory_bytes);
+	header(o, "flashtier_cache_log_size_bytes", "gauge", "Size of the write-back log.");
+	put(o, "flashtier_cache_log_size_bytes %llu\n", (unsigned long long)srv->cache.log_bytes);
 	for (size_t i = 0; i < sizeof(m) / sizeof(m[0]); i++)
 		per_cached_volume(o, vols, n, m[i].name, m[i].type, m[i].help, m[i].offset,
 				  m[i].scale);

@@ -69,6 +69,14 @@ int ft_cache_add_volume(struct ft_cache *c, const struct ft_volume_config *vc, u
 /* See above. Returns 0, or a negative errno after logging. */
 int ft_cache_start(struct ft_cache *c, unsigned n_reactors);
 
+/*
+ * Drain every write-back volume (SIGUSR1): write all dirty data back to the
+ * stores at full speed; each volume logs "drained" when it has none left.
+ * Main thread, while the reactors run; @reactors as given to the volumes.
+ * A drain already under way is not restarted.
+ */
+void ft_cache_drain(struct ft_cache *c, struct ft_reactor **reactors);
+
 /* Cache-wide figures for the metrics endpoint (valid after ft_cache_start()). */
 void ft_cache_global_stats(const struct ft_cache *c, struct ft_cache_global_stats *out);
 

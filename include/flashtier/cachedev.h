@@ -6,6 +6,8 @@
  *   offset 4 KiB    superblock copy B (4 KiB)
  *   meta_offset     per-slot mapping records (FT_CACHE_META_BYTES each)
  *   data_offset     slot 0, slot 1, ... (4 KiB each), 1 MiB aligned
+ *   log_offset      the write-back log: log_bytes of 1 MiB segments, at the end
+ *                   (see wlog.h)
  *
  * The superblock carries magic, version, uuid, geometry, a sequence number
  * and a CRC32C; both copies are written on every update (A, flush, B), so a
@@ -27,7 +29,9 @@
 #include <stdint.h>
 
 #define FT_CACHE_MAGIC      "FTIERCD\x01"
-#define FT_CACHE_VERSION    1u
+/* 2: the write-back log region and per-volume epochs. A version 1 device
+ * held only clean data and is reformatted on sight. */
+#define FT_CACHE_VERSION    2u
 #define FT_CACHE_BLOCK      4096u
 #define FT_CACHE_SB_BYTES   4096u
 #define FT_CACHE_META_BYTES 16u
@@ -48,7 +52,8 @@
 struct ft_cache_sb_volume {
 	uint64_t ident; /* hash of name, backing and size (ft_cache_volume_ident) */
 	uint16_t id;    /* >= 1 */
-	uint8_t reserved[6];
+	uint32_t epoch; /* write-back log records of other epochs are void (wlog.h) */
+	uint8_t reserved[2];
 } __attribute__((packed));
 
 /* Superblock as stored: little-endian fields, CRC32C over all bytes before crc. */
@@ -68,7 +73,10 @@ struct ft_cache_sb {
 	uint32_t flags;
 	uint32_t nvolumes;
 	struct ft_cache_sb_volume volumes[FT_CACHE_MAX_VOLUMES];
-	uint8_t reserved[FT_CACHE_SB_BYTES - 100 - 16 * FT_CACHE_MAX_VOLUMES];
+	uint64_t log_offset;
+	uint64_t log_bytes;
+	uint32_t epoch_next; /* every epoch ever handed out is below it */
+	uint8_t reserved[FT_CACHE_SB_BYTES - 120 - 16 * FT_CACHE_MAX_VOLUMES];
 	uint32_t crc;
 } __attribute__((packed));
 _Static_assert(sizeof(struct ft_cache_sb) == FT_CACHE_SB_BYTES, "superblock is one 4 KiB block");
@@ -81,18 +89,24 @@ struct ft_cache_geometry {
 	uint64_t meta_offset, meta_bytes;
 	uint64_t data_offset;
 	uint64_t nslots;
+	uint64_t log_offset, log_bytes; /* the write-back log (whole segments) */
 };
 
 /*
- * Lay out a device of @device_bytes. Returns 0, or -ENOSPC if it is smaller
- * than FT_CACHE_MIN_BYTES.
+ * Lay out a device of @device_bytes with a write-back log of @log_bytes
+ * (rounded down to whole 1 MiB segments). Returns 0, or -ENOSPC if it is
+ * smaller than FT_CACHE_MIN_BYTES or the log leaves fewer than 16 slots.
  */
-int ft_cache_geometry(uint64_t device_bytes, struct ft_cache_geometry *g);
+int ft_cache_geometry(uint64_t device_bytes, uint64_t log_bytes, struct ft_cache_geometry *g);
+
+/* The log a device gets by default: a quarter of it, in whole segments. */
+uint64_t ft_cache_default_log_bytes(uint64_t device_bytes);
 
 /* A volume id's entry in RAM. */
 struct ft_cache_volent {
 	uint64_t ident;
 	uint16_t id;
+	uint32_t epoch;
 };
 
 /* Fill @sb (encoding little-endian fields and the CRC) with an empty volume table. */
@@ -107,6 +121,7 @@ enum ft_cache_sb_state {
 	FT_SB_BLANK,   /* all zeroes: never written */
 	FT_SB_FOREIGN, /* not our magic, not blank */
 	FT_SB_NEWER,   /* our magic, a version this build does not know */
+	FT_SB_OLDER,   /* our magic, an older version (clean data only: reformat) */
 	FT_SB_CORRUPT, /* our magic, bad CRC or impossible geometry */
 };
 
@@ -122,21 +137,25 @@ struct ft_cachedev {
 	uint64_t seq;
 	uint32_t flags;      /* as found at open */
 	uint32_t nvolumes;   /* the volume table, written by ft_cachedev_write_sb() */
+	uint32_t epoch_next;
 	struct ft_cache_volent volumes[FT_CACHE_MAX_VOLUMES];
 	bool formatted_now;  /* a new cache (nothing to reattach) */
 	bool repaired_copy;  /* one superblock copy was bad and has been rewritten */
+	uint32_t upgraded_from; /* an older format version found and reformatted, or 0 */
 };
 
 /*
  * Open (creating a regular file of @size bytes if missing; @size 0 = use
  * the existing file's or device's size), then attach to an existing cache
- * or format a blank device. @reformat: overwrite whatever is there.
+ * or format a blank device with a log of @log_bytes, or if 0 @log_percent
+ * of the device, or if 0 the default. @reformat: overwrite whatever is
+ * there. An existing cache keeps its log size.
  * Returns 0 and *@out, or a negative errno with a one-line reason in @err:
  * -EEXIST foreign data, -EPROTONOSUPPORT newer format, -EBADMSG both
  * superblocks corrupt, -ENOSPC too small, or the I/O error.
  */
-int ft_cachedev_open(const char *path, uint64_t size, bool reformat, struct ft_cachedev **out,
-		     char *err, size_t err_len);
+int ft_cachedev_open(const char *path, uint64_t size, uint64_t log_bytes, uint32_t log_percent,
+		     bool reformat, struct ft_cachedev **out, char *err, size_t err_len);
 
 /*
  * Write both superblock copies with @flags, the volume table in @dev and

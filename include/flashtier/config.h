@@ -8,12 +8,18 @@
  *     "reactors": 2,                           (optional; default = CPUs)
  *     "log_level": "info",                     (optional)
  *     "cache": { "path": PATH, "size": "8G",  (optional; absent = no cache)
- *                "reformat": false, "error_threshold": 16, "state_file": PATH },
+ *                "reformat": false, "error_threshold": 16, "state_file": PATH,
+ *                "log_size": "25%" | "4G", "discard_dirty": false },
  *     "volumes": {
  *       "EXPORT": { "backing": PATH | "nbd://..." | "nbd+unix://...",
  *                   "readonly": false, "description": "...", "domain": "...",
- *                   "cache": { "mode": "write-through" | "write-around" | "none",
- *                              "sequential_cutoff": "1M", "quota": "50%" | "2G" } }
+ *                   "cache": { "mode": "write-back" | "write-through" | "write-around"
+ *                                      | "none",
+ *                              "sequential_cutoff": "1M", "quota": "50%" | "2G",
+ *                              write-back only:
+ *                              "dirty_limit": "25%" | "1G", "dirty_high": "50%",
+ *                              "dirty_low": "25%", "dirty_max_age": 30,
+ *                              "destage_bandwidth": "0" | "100M" } }
  *     }
  *   }
  *
@@ -82,6 +88,11 @@ struct ft_cache_config {
 	 * /var/lib/flashtier/<absolute cache path, '/' as '-'>.state (off the device).
 	 */
 	char *state_file;
+	/* The write-back log, when the device is formatted: bytes, else percent (0: 25%). */
+	uint64_t log_bytes;
+	uint32_t log_percent;
+	/* Start even if the device holds dirty data of volumes no longer configured. */
+	bool discard_dirty;
 };
 
 struct ft_config {

@@ -54,12 +54,24 @@ struct ft_cache_stats {
 	uint64_t occupancy_blocks;    /* gauge: 4 KiB blocks held */
 	uint64_t quota_blocks;        /* gauge: the most it may hold */
 	uint64_t passthrough;         /* gauge: 1 once the volume stopped using the cache */
+	/* Write-back. */
+	uint64_t dirty_bytes;          /* gauge: not yet on the backing store */
+	uint64_t dirty_oldest_seconds; /* gauge: age of the oldest dirty data */
+	uint64_t destaged_bytes;       /* written back to the store */
+	uint64_t destage_errors;       /* store errors while writing back */
+	uint64_t destage_retrying;     /* gauge: 1 while backing off after errors */
+	uint64_t log_used_bytes;       /* gauge: log space held */
+	uint64_t log_limit_bytes;      /* gauge: dirty_limit */
+	uint64_t throttled_writes;     /* writes that waited for log space */
+	uint64_t draining;             /* gauge: 1 while a drain runs */
+	uint64_t write_back;           /* gauge: 1 while in write-back mode */
 };
 
 /* Cache-wide figures. */
 struct ft_cache_global_stats {
 	uint64_t slots;        /* 4 KiB blocks of cache space */
 	uint64_t memory_bytes; /* RAM the directory and per-block state use */
+	uint64_t log_bytes;    /* the write-back log */
 };
 
 struct ft_volume_stats {

@@ -17,6 +17,7 @@ enum ft_cache_mode {
 	FT_CACHE_NONE,          /* pass-through: the cache is not used */
 	FT_CACHE_WRITE_AROUND,  /* reads cached; writes go to the store and invalidate */
 	FT_CACHE_WRITE_THROUGH, /* reads cached; writes go to the store and update the cache */
+	FT_CACHE_WRITE_BACK,    /* writes land in the cache's log; a destager writes them back */
 };
 
 struct ft_volume_policy {
@@ -29,9 +30,24 @@ struct ft_volume_policy {
 	 */
 	uint64_t quota_bytes;
 	uint32_t quota_percent;
+
+	/*
+	 * Write-back. dirty_limit: most log space the volume may hold (bytes if
+	 * nonzero, else dirty_limit_percent of the log, else its fair share:
+	 * the log divided by the write-back volumes); writes past it wait.
+	 * Destaging starts above dirty_high_percent of that limit and stops
+	 * below dirty_low_percent, and always takes data older than
+	 * dirty_max_age_ms. destage_bandwidth: bytes per second, 0 = unlimited.
+	 */
+	uint64_t dirty_limit_bytes;
+	uint32_t dirty_limit_percent;
+	uint32_t dirty_high_percent;
+	uint32_t dirty_low_percent;
+	uint64_t dirty_max_age_ms;
+	uint64_t destage_bandwidth;
 };
 
-/* "none", "write-around", "write-through"; NULL for an unknown mode. */
+/* "none", "write-around", "write-through", "write-back"; NULL for an unknown mode. */
 const char *ft_cache_mode_name(enum ft_cache_mode m);
 
 /* Parse a mode name. Returns 0 or -EINVAL. */

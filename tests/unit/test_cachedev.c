@@ -55,7 +55,7 @@ Test(cachedev, geometry_fits_and_aligns)
 	for (unsigned i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
 		struct ft_cache_geometry g;
 
-		cr_assert_eq(ft_cache_geometry(sizes[i], &g), 0, "size %llu",
+		cr_assert_eq(ft_cache_geometry(sizes[i], ft_cache_default_log_bytes(sizes[i]), &g), 0, "size %llu",
 			     (unsigned long long)sizes[i]);
 		cr_assert_eq(g.data_offset % FT_CACHE_DATA_ALIGN, 0);
 		cr_assert_geq(g.data_offset, g.meta_offset + g.meta_bytes);
@@ -73,7 +73,7 @@ Test(cachedev, geometry_fits_and_aligns)
 	}
 	struct ft_cache_geometry g;
 
-	cr_assert_eq(ft_cache_geometry(FT_CACHE_MIN_BYTES - 1, &g), -ENOSPC);
+	cr_assert_eq(ft_cache_geometry(FT_CACHE_MIN_BYTES - 1, ft_cache_default_log_bytes(FT_CACHE_MIN_BYTES - 1), &g), -ENOSPC);
 }
 
 Test(cachedev, encode_decode_roundtrip_and_every_bit_matters)
@@ -84,7 +84,7 @@ Test(cachedev, encode_decode_roundtrip_and_every_bit_matters)
 	uint64_t seq;
 	uint32_t flags;
 
-	cr_assert_eq(ft_cache_geometry(DEV_BYTES, &g), 0);
+	cr_assert_eq(ft_cache_geometry(DEV_BYTES, ft_cache_default_log_bytes(DEV_BYTES), &g), 0);
 	ft_cache_sb_encode(&sb, &g, uuid, 42, FT_CACHE_SB_CLEAN);
 	cr_assert_eq(ft_cache_sb_decode(&sb, &got, u2, &seq, &flags), FT_SB_VALID);
 	cr_assert_arr_eq(&got, &g, sizeof(g));
@@ -128,7 +128,7 @@ static struct ft_cachedev *open_ok(bool reformat)
 {
 	struct ft_cachedev *dev = NULL;
 	char err[512];
-	int rc = ft_cachedev_open(path, DEV_BYTES, reformat, &dev, err, sizeof(err));
+	int rc = ft_cachedev_open(path, DEV_BYTES, 0, 0, reformat, &dev, err, sizeof(err));
 
 	cr_assert_eq(rc, 0, "open: %s", err);
 	return dev;
@@ -138,7 +138,7 @@ static void open_fails(int want, const char *needle)
 {
 	struct ft_cachedev *dev = NULL;
 	char err[512] = "";
-	int rc = ft_cachedev_open(path, DEV_BYTES, false, &dev, err, sizeof(err));
+	int rc = ft_cachedev_open(path, DEV_BYTES, 0, 0, false, &dev, err, sizeof(err));
 
 	cr_assert_eq(rc, want, "open gave %d (%s), want %d", rc, err, want);
 	cr_assert_null(dev);
@@ -241,7 +241,7 @@ Test(cachedev, size_change_is_refused)
 	struct stat st;
 
 	ft_cachedev_close(dev);
-	cr_assert_eq(ft_cachedev_open(path, DEV_BYTES * 2, false, &dev, err, sizeof(err)), -EINVAL);
+	cr_assert_eq(ft_cachedev_open(path, DEV_BYTES * 2, 0, 0, false, &dev, err, sizeof(err)), -EINVAL);
 	cr_assert_not_null(strstr(err, "asks for"), "%s", err);
 	/* Refused means untouched: the file was not grown first. */
 	cr_assert_eq(stat(path, &st), 0);
@@ -249,7 +249,7 @@ Test(cachedev, size_change_is_refused)
 
 	/* A file resized behind the cache's back is refused too. */
 	cr_assert_eq(truncate(path, (off_t)DEV_BYTES * 2), 0);
-	cr_assert_eq(ft_cachedev_open(path, 0, false, &dev, err, sizeof(err)), -EINVAL);
+	cr_assert_eq(ft_cachedev_open(path, 0, 0, 0, false, &dev, err, sizeof(err)), -EINVAL);
 	cr_assert_not_null(strstr(err, "formatted for"), "%s", err);
 }
 
@@ -258,7 +258,7 @@ Test(cachedev, too_small_is_refused)
 	struct ft_cachedev *dev = NULL;
 	char err[512];
 
-	cr_assert_eq(ft_cachedev_open(path, 1u << 20, false, &dev, err, sizeof(err)), -ENOSPC);
+	cr_assert_eq(ft_cachedev_open(path, 1u << 20, 0, 0, false, &dev, err, sizeof(err)), -ENOSPC);
 	cr_assert_not_null(strstr(err, "too small"), "%s", err);
 }
 
