@@ -60,7 +60,8 @@ Test(cachedev, geometry_fits_and_aligns)
 		cr_assert_eq(g.data_offset % FT_CACHE_DATA_ALIGN, 0);
 		cr_assert_geq(g.data_offset, g.meta_offset + g.meta_bytes);
 		cr_assert_geq(g.meta_bytes, g.nslots * FT_CACHE_META_BYTES);
-		cr_assert_leq(g.data_offset + g.nslots * FT_CACHE_BLOCK, sizes[i]);
+		cr_assert_leq(g.data_offset + g.nslots * FT_CACHE_BLOCK, g.log_offset);
+		cr_assert_eq(g.log_offset + g.log_bytes, sizes[i] / FT_CACHE_DATA_ALIGN * FT_CACHE_DATA_ALIGN);
 		/* Maximal: one more slot would not fit (its metadata may move the data start). */
 		uint64_t n1 = g.nslots + 1;
 		uint64_t meta1 = (n1 * FT_CACHE_META_BYTES + FT_CACHE_BLOCK - 1) / FT_CACHE_BLOCK *
@@ -68,7 +69,7 @@ Test(cachedev, geometry_fits_and_aligns)
 		uint64_t off1 = (g.meta_offset + meta1 + FT_CACHE_DATA_ALIGN - 1) /
 				FT_CACHE_DATA_ALIGN * FT_CACHE_DATA_ALIGN;
 
-		cr_assert_gt(off1 + n1 * FT_CACHE_BLOCK, sizes[i], "size %llu: %llu slots is not the most",
+		cr_assert_gt(off1 + n1 * FT_CACHE_BLOCK, g.log_offset, "size %llu: %llu slots is not the most",
 			     (unsigned long long)sizes[i], (unsigned long long)g.nslots);
 	}
 	struct ft_cache_geometry g;

@@ -950,8 +950,8 @@ Test(config, cache_mode_needs_cache_device)
 	expect_fail(json, false, "key 'volumes.d.cache.mode'", "write-around",
 		    "needs a cache device", NULL);
 	/* An unknown mode, with or without a device. */
-	cache_json(json, sizeof(json), CACHE_OK, ", \"cache\": {\"mode\": \"write-back\"}");
-	expect_fail(json, false, "key 'volumes.d.cache.mode'", "write-back", NULL);
+	cache_json(json, sizeof(json), CACHE_OK, ", \"cache\": {\"mode\": \"write-sideways\"}");
+	expect_fail(json, false, "key 'volumes.d.cache.mode'", "write-sideways", NULL);
 	cache_json(json, sizeof(json), CACHE_OK, ", \"cache\": {\"mode\": 1}");
 	expect_fail(json, false, "key 'volumes.d.cache.mode'", "must be a string", NULL);
 	cache_json(json, sizeof(json), CACHE_OK, ", \"cache\": \"write-through\"");
