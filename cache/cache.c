@@ -510,7 +510,7 @@ static int wb_setup(struct ft_cache *c, const struct ft_cache_volent *old, uint3
 		struct cache_vol *v = c->vols[i];
 		struct wb_vol *w = &v->wb;
 
-		if (w->dirty_blocks)
+		if (w->dirty_blocks || w->ranges)
 			continue;
 		/* Nothing to replay: void whatever the stream held (W5 holds trivially). */
 		for (uint64_t s = w->tail; s <= w->head && w->head >= w->tail; s++)

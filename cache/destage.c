@@ -33,6 +33,7 @@ struct destage_io {
 	uint32_t ring; /* the segment read from (pinned) */
 	uint8_t type;
 	void *buf;
+	struct wb_range *range; /* a large ZERO or TRIM, or NULL */
 	uint64_t seqs[DESTAGE_RUN];
 };
 
@@ -55,6 +56,7 @@ static void tick_fn(struct ft_timer *t)
 	if (v->wb.throttled)
 		wb_kick_build(v);
 	wb_seg_check_reclaim(v);
+	wb_write_marker(v);
 }
 
 static void arm_tick(struct cache_vol *v)
@@ -97,6 +99,8 @@ static void destage_done(struct destage_io *d, int error)
 	w->destage_inflight--;
 	if (d->type == FT_WLOG_DATA)
 		w->ring[d->ring].busy--;
+	if (d->range)
+		d->range->inflight = false;
 	if (error) {
 		ft_stat_add(&v->stats->destage_errors, 1);
 		if (!w->backoff_ms) {
@@ -106,12 +110,25 @@ static void destage_done(struct destage_io *d, int error)
 			w->backoff_ms = BACKOFF_MIN;
 			ft_stat_add(&v->stats->destage_retrying, 1);
 		} else if (w->backoff_ms < BACKOFF_MAX) {
-			w->backoff_ms = w->backoff_ms * 2 > BACKOFF_MAX ? BACKOFF_MAX : w->backoff_ms * 2;
+			w->backoff_ms =
+				w->backoff_ms * 2 > BACKOFF_MAX ? BACKOFF_MAX : w->backoff_ms * 2;
 		}
 		w->retry_at_ns = ft_now_ns() + (uint64_t)w->backoff_ms * 1000000ull;
 		/* Rescan: the blocks are still dirty. */
 		for (uint64_t s = w->tail; s <= w->head && w->head >= w->tail; s++)
 			wb_seg_of(v, s)->cursor = 0;
+	} else if (d->range) {
+		struct wb_range **pp = &w->ranges;
+
+		while (*pp != d->range)
+			pp = &(*pp)->next;
+		*pp = d->range->next;
+		if (!*pp)
+			w->ranges_tail = pp;
+		w->ring[d->range->ring].live--;
+		ft_stat_sub(&v->stats->dirty_bytes, (d->range->b1 - d->range->b0) * BLK);
+		ft_stat_add(&v->stats->destaged_bytes, (d->range->b1 - d->range->b0) * BLK);
+		free(d->range);
 	} else {
 		for (uint32_t i = 0; i < d->n; i++) {
 			struct wb_ent *e = wb_map_find(&w->map, d->b0 + i);
@@ -125,11 +142,11 @@ static void destage_done(struct destage_io *d, int error)
 			ft_stat_sub(&v->stats->dirty_bytes, BLK);
 		}
 		ft_stat_add(&v->stats->destaged_bytes, (uint64_t)d->n * BLK);
-		if (w->backoff_ms) {
-			ft_info("volume '%s': writing back to the store works again", v->cfg->name);
-			w->backoff_ms = 0;
-			ft_stat_sub(&v->stats->destage_retrying, 1);
-		}
+	}
+	if (!error && w->backoff_ms) {
+		ft_info("volume '%s': writing back to the store works again", v->cfg->name);
+		w->backoff_ms = 0;
+		ft_stat_sub(&v->stats->destage_retrying, 1);
 	}
 	free(d->buf);
 	free(d);
@@ -171,6 +188,8 @@ static bool destage_one(struct cache_vol *v, struct wb_seg *s)
 	while (s->cursor < s->nblocks) {
 		b0 = s->blocks[s->cursor];
 		e = wb_map_find(&w->map, b0);
+		if (e && e->ring == ring && w->ranges && wb_range_of(v, b0))
+			return false; /* newer than a ZERO/TRIM not yet on the store: after it */
 		if (e && e->ring == ring && !in_flight(v, b0))
 			break;
 		s->cursor++;
@@ -178,7 +197,7 @@ static bool destage_one(struct cache_vol *v, struct wb_seg *s)
 	}
 	if (!e)
 		return false;
-	type = e->loc == WB_LOC_ZERO ? FT_WLOG_ZERO
+	type = e->loc == WB_LOC_ZERO   ? FT_WLOG_ZERO
 	       : e->loc == WB_LOC_TRIM ? FT_WLOG_TRIM
 				       : FT_WLOG_DATA;
 	d = calloc(1, sizeof(*d));
@@ -186,13 +205,15 @@ static bool destage_one(struct cache_vol *v, struct wb_seg *s)
 		return false;
 	d->seqs[0] = e->seq;
 	/* Extend over the following blocks recorded next to it (a sequential write). */
-	while (n < DESTAGE_RUN && s->cursor + n < s->nblocks && s->blocks[s->cursor + n] == b0 + n) {
+	while (n < DESTAGE_RUN && s->cursor + n < s->nblocks &&
+	       s->blocks[s->cursor + n] == b0 + n) {
 		struct wb_ent *f = wb_map_find(&w->map, b0 + n);
 		uint8_t ft;
 
-		if (!f || f->ring != ring || in_flight(v, b0 + n))
+		if (!f || f->ring != ring || in_flight(v, b0 + n) ||
+		    (w->ranges && wb_range_of(v, b0 + n)))
 			break;
-		ft = f->loc == WB_LOC_ZERO ? FT_WLOG_ZERO
+		ft = f->loc == WB_LOC_ZERO   ? FT_WLOG_ZERO
 		     : f->loc == WB_LOC_TRIM ? FT_WLOG_TRIM
 					     : FT_WLOG_DATA;
 		if (ft != type || (type == FT_WLOG_DATA && f->loc != e->loc + n))
@@ -215,7 +236,7 @@ static bool destage_one(struct cache_vol *v, struct wb_seg *s)
 	w->destages = d;
 	w->destage_inflight++;
 	part_io_get(v->part);
-	d->wr.op = type == FT_WLOG_DATA ? FT_BIO_WRITE
+	d->wr.op = type == FT_WLOG_DATA	  ? FT_BIO_WRITE
 		   : type == FT_WLOG_ZERO ? FT_BIO_WRITE_ZEROES
 					  : FT_BIO_TRIM;
 	d->wr.offset = b0 * BLK;
@@ -240,6 +261,42 @@ static bool destage_one(struct cache_vol *v, struct wb_seg *s)
 	return true;
 }
 
+/* The oldest large ZERO/TRIM goes to the store first: newer blocks inside it wait for it. */
+static void destage_range(struct cache_vol *v)
+{
+	struct wb_vol *w = &v->wb;
+	struct wb_range *r = w->ranges;
+	struct destage_io *d;
+
+	for (struct destage_io *x = w->destages; x; x = x->next)
+		if (x->b0 < r->b1 && r->b0 < x->b0 + x->n)
+			return; /* an older block's write is still on its way */
+	d = calloc(1, sizeof(*d));
+	if (!d)
+		return;
+	r->inflight = true;
+	d->v = v;
+	d->range = r;
+	d->type = r->type;
+	d->b0 = r->b0;
+	d->n = (uint32_t)(r->b1 - r->b0);
+	d->next = w->destages;
+	if (w->destages)
+		w->destages->prev = d;
+	w->destages = d;
+	w->destage_inflight++;
+	part_io_get(v->part);
+	d->wr.op = r->type == FT_WLOG_ZERO ? FT_BIO_WRITE_ZEROES : FT_BIO_TRIM;
+	d->wr.offset = r->b0 * BLK;
+	d->wr.len = (r->b1 - r->b0) * BLK;
+	d->wr.end_io = wr_end_io;
+	if (r->type == FT_WLOG_TRIM && !(v->inner->caps & FT_BACKEND_CAN_TRIM)) {
+		destage_done(d, 0);
+		return;
+	}
+	ft_bio_submit(v->inner, &d->wr);
+}
+
 static void pump(struct cache_vol *v)
 {
 	struct wb_vol *w = &v->wb;
@@ -253,11 +310,13 @@ static void pump(struct cache_vol *v)
 	if (!w->on || !v->part->reactor)
 		return;
 	update_age(v, now);
-	if (w->dirty_blocks || w->throttled || w->draining)
+	if (w->dirty_blocks || w->ranges || w->throttled || w->draining ||
+	    w->durable_seq > w->marked_durable)
 		arm_tick(v);
 	if (ft_reactor_stopping(v->part->reactor))
 		return; /* dirty data stays on the device; the next start goes on */
-	if (w->draining && !w->dirty_blocks && !w->destage_inflight && !w->batch && !w->pages) {
+	if (w->draining && !w->dirty_blocks && !w->ranges && !w->destage_inflight && !w->batch &&
+	    !w->pages) {
 		void_stream(v);
 		return;
 	}
@@ -275,6 +334,8 @@ static void pump(struct cache_vol *v)
 			w->tokens = cap; /* at most a second's worth in one burst */
 		w->tokens_ns = now;
 	}
+	if (w->ranges && !w->ranges->inflight && w->destage_inflight < DESTAGE_DEPTH)
+		destage_range(v);
 	do {
 		any = false;
 		for (uint64_t seq = w->tail; seq <= w->head && w->head >= w->tail; seq++) {
@@ -421,7 +482,7 @@ static void void_stream(struct cache_vol *v)
 		return;
 	}
 	/* Store flushed and round done (reclaim_round_done). Writes may have come meanwhile. */
-	if (w->dirty_blocks || w->batch || w->pages) {
+	if (w->dirty_blocks || w->ranges || w->batch || w->pages) {
 		w->voiding = false;
 		wb_kick_build(v);
 		return;

@@ -240,6 +240,16 @@ struct wb_seg {
 	uint32_t cursor;    /* destage scan position in blocks[] */
 };
 
+/* A large ZERO or TRIM not yet on the store (smaller ones are per-block entries). */
+#define WB_RANGE_INLINE 256
+struct wb_range {
+	struct wb_range *next;
+	uint64_t b0, b1, seq;
+	uint32_t ring;
+	uint8_t type;
+	bool inflight;
+};
+
 struct wb_page_io;
 struct destage_io;
 
@@ -256,12 +266,15 @@ struct wb_vol {
 	uint64_t completed_seq; /* every page up to it has completed */
 	uint64_t durable_seq, flush_snap;
 	uint64_t reclaim_upto;
+	uint64_t cut_seq, cut_end; /* pages in [cut_seq, cut_end) failed or follow a failed one */
+	uint64_t marked_durable;   /* durable_seq carried by the last page written */
 	struct cache_waiter reclaim_wait;
 	struct ft_bio store_flush;
 	struct wb_page_io *pages; /* in flight, oldest first */
 	struct wb_page_io **pages_tail;
 	struct wb_map map;
 	uint64_t dirty_blocks;
+	struct wb_range *ranges, **ranges_tail; /* oldest first */
 	/* Writes ready to be logged, oldest first. */
 	struct cache_op *batch, **batch_tail;
 	struct ft_deferred build;
@@ -354,11 +367,18 @@ void wb_vol_free(struct cache_vol *v);
 struct wb_seg *wb_seg_of(struct cache_vol *v, uint64_t seq);
 /* A record replayed or just written: make it @block's dirty entry if newer. */
 void wb_apply(struct cache_vol *v, uint64_t block, uint64_t seq, uint32_t loc, uint64_t seg_seq);
+/* A ZERO or TRIM record of [@b0, @b0 + @nb) replayed or just written. */
+void wb_apply_range(struct cache_vol *v, uint64_t b0, uint64_t nb, uint64_t seq, uint8_t type,
+		    uint64_t seg_seq);
+/* The pending large range holding @b, if any. */
+struct wb_range *wb_range_of(const struct cache_vol *v, uint64_t b);
 /* Take a segment from the pool (any thread); UINT32_MAX if none. */
 uint32_t wb_seg_alloc(struct ft_cache *c);
 void wb_seg_release(struct ft_cache *c, uint32_t index);
 uint64_t wb_log_used(const struct cache_vol *v);
 void wb_kick_build(struct cache_vol *v);
+/* If a flush made more pages durable than any page on disk says, write an empty page saying so. */
+void wb_write_marker(struct cache_vol *v);
 void wb_read(struct cache_vol *v, struct ft_bio *bio);
 /* Does [b0, b1) hold a dirty block? */
 bool wb_any_dirty(const struct cache_vol *v, uint64_t b0, uint64_t b1);

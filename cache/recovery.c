@@ -27,8 +27,8 @@
 #include "flashtier/log.h"
 #include "internal.h"
 
-#define BLK	     FT_CACHE_BLOCK
-#define PAGE_RESUME  1u
+#define BLK	    FT_CACHE_BLOCK
+#define PAGE_RESUME 1u
 
 struct seg_head {
 	bool valid;
@@ -61,8 +61,8 @@ static int read_seg(struct replay *r, uint32_t index)
 static bool page_at(const struct replay *r, uint32_t blk, struct ft_wlog_page *pg)
 {
 	memcpy(pg, r->buf + (size_t)blk * BLK, BLK);
-	return ft_wlog_page_open(pg, r->c->dev->uuid) == FT_WLOG_PAGE_VALID && pg->volume == r->id &&
-	       pg->epoch == r->epoch;
+	return ft_wlog_page_open(pg, r->c->dev->uuid) == FT_WLOG_PAGE_VALID &&
+	       pg->volume == r->id && pg->epoch == r->epoch;
 }
 
 static bool data_ok(const struct replay *r, uint32_t blk, const struct ft_wlog_page *pg)
@@ -74,7 +74,8 @@ static bool data_ok(const struct replay *r, uint32_t blk, const struct ft_wlog_p
 	for (uint16_t i = 0; i < pg->nrecs; i++) {
 		if (pg->recs[i].type != FT_WLOG_DATA)
 			continue;
-		if (ft_crc32c(0, r->buf + (size_t)(blk + 1 + d++) * BLK, BLK) != pg->recs[i].data_crc)
+		if (ft_crc32c(0, r->buf + (size_t)(blk + 1 + d++) * BLK, BLK) !=
+		    pg->recs[i].data_crc)
 			return false;
 	}
 	return true;
@@ -83,9 +84,12 @@ static bool data_ok(const struct replay *r, uint32_t blk, const struct ft_wlog_p
 /*
  * Look for proof that page @r->expected was covered by a completed flush:
  * in blocks [@from, end) of the segment in the buffer, then in segments
- * @next_i.. of the stream. Returns -EBADMSG (after logging) if found.
+ * [@next_i, @end_i) of the stream (a later recovery's pages, from the
+ * next resume segment on, legitimately claim more). Returns -EBADMSG
+ * (after logging) if found.
  */
-static int fatal_check(struct replay *r, uint64_t seg_seq, uint32_t from, uint32_t next_i)
+static int fatal_check(struct replay *r, uint64_t seg_seq, uint32_t from, uint32_t next_i,
+		       uint32_t end_i)
 {
 	struct ft_wlog_page pg;
 	uint64_t e = r->expected;
@@ -102,7 +106,7 @@ static int fatal_check(struct replay *r, uint64_t seg_seq, uint32_t from, uint32
 			if (pg.durable_seq >= e)
 				goto fatal;
 		}
-		if (i >= r->nsegs)
+		if (i >= end_i)
 			return 0;
 		rc = read_seg(r, r->segs[i]);
 		if (rc < 0)
@@ -136,12 +140,11 @@ static void apply_page(struct replay *r, const struct ft_wlog_page *pg, uint32_t
 			continue;
 		}
 		if (rec->type == FT_WLOG_DATA) {
-			wb_apply(v, b, rec->seq, index * FT_WLOG_SEG_BLOCKS + blk + 1 + d++, seg_seq);
+			wb_apply(v, b, rec->seq, index * FT_WLOG_SEG_BLOCKS + blk + 1 + d++,
+				 seg_seq);
 			continue;
 		}
-		for (uint64_t k = 0; k < nb; k++)
-			wb_apply(v, b + k, rec->seq,
-				 rec->type == FT_WLOG_ZERO ? WB_LOC_ZERO : WB_LOC_TRIM, seg_seq);
+		wb_apply_range(v, b, nb, rec->seq, rec->type, seg_seq);
 	}
 	if (pg->durable_seq > r->durable_max)
 		r->durable_max = pg->durable_seq;
@@ -166,12 +169,13 @@ static int replay_stream(struct replay *r)
 	struct wb_vol *w = &v->wb;
 	uint32_t first = r->nsegs - 1;
 	uint64_t tail_claim = 0;
+	uint32_t end_i;
 	bool skipping = false;
 	int rc;
 
 	qsort_r(r->segs, r->nsegs, sizeof(r->segs[0]), cmp_seq, r->heads);
-	while (first > 0 && r->heads[r->segs[first - 1]].pg.seg_seq ==
-				    r->heads[r->segs[first]].pg.seg_seq - 1)
+	while (first > 0 &&
+	       r->heads[r->segs[first - 1]].pg.seg_seq == r->heads[r->segs[first]].pg.seg_seq - 1)
 		first--;
 	for (uint32_t i = first; i < r->nsegs; i++)
 		if (r->heads[r->segs[i]].pg.tail_seg > tail_claim)
@@ -195,7 +199,7 @@ static int replay_stream(struct replay *r)
 		s->index = index;
 		s->seq = h0->seg_seq;
 		s->used = FT_WLOG_SEG_BLOCKS; /* never appended to again */
-		s->opened_ns = 0;             /* replayed data is old: destage it soon */
+		s->opened_ns = 0;	      /* replayed data is old: destage it soon */
 		w->head = s->seq;
 		if (skipping) {
 			/* After a cut: only a page written after a later recovery goes on. */
@@ -222,13 +226,14 @@ static int replay_stream(struct replay *r)
 			if (n0->page_seq == r->expected || (n0->reserved & PAGE_RESUME))
 				continue;
 		}
-		rc = fatal_check(r, s->seq, blk, i + 1);
+		/* A cut: the stream goes on at the next resume segment, if any. */
+		end_i = i + 1;
+		while (end_i < r->nsegs && !(r->heads[r->segs[end_i]].pg.reserved & PAGE_RESUME))
+			end_i++;
+		rc = fatal_check(r, s->seq, blk, i + 1, end_i);
 		if (rc < 0)
 			return rc;
-		if (i + 1 < r->nsegs) {
-			skipping = true;
-			/* fatal_check() read ahead: the buffer no longer holds segment i. */
-		}
+		skipping = i + 1 < r->nsegs;
 	}
 	return 0;
 }
@@ -254,18 +259,25 @@ int wb_recover(struct ft_cache *c, const struct ft_cache_volent *old, uint32_t n
 			rc = n < 0 ? -errno : -EIO;
 			goto out;
 		}
-		heads[i].valid = ft_wlog_page_open(&heads[i].pg, c->dev->uuid) == FT_WLOG_PAGE_VALID;
+		heads[i].valid =
+			ft_wlog_page_open(&heads[i].pg, c->dev->uuid) == FT_WLOG_PAGE_VALID;
 	}
 	for (uint32_t k = 0; k < nold && rc == 0; k++) {
-		struct replay r = { .c = c, .id = old[k].id, .epoch = old[k].epoch, .heads = heads,
-				    .segs = segs, .buf = buf };
-		struct cache_vol *v = old[k].id <= FT_CACHE_MAX_VOLUMES ? c->by_id[old[k].id] : NULL;
+		struct replay r = { .c = c,
+				    .id = old[k].id,
+				    .epoch = old[k].epoch,
+				    .heads = heads,
+				    .segs = segs,
+				    .buf = buf };
+		struct cache_vol *v =
+			old[k].id <= FT_CACHE_MAX_VOLUMES ? c->by_id[old[k].id] : NULL;
 		struct cache_vol tmp;
 		char label[32];
 
 		r.nsegs = 0;
 		for (uint32_t i = 0; i < c->nsegs; i++)
-			if (heads[i].valid && heads[i].pg.volume == r.id && heads[i].pg.epoch == r.epoch)
+			if (heads[i].valid && heads[i].pg.volume == r.id &&
+			    heads[i].pg.epoch == r.epoch)
 				segs[r.nsegs++] = i;
 		if (!r.nsegs)
 			continue;
@@ -285,7 +297,7 @@ int wb_recover(struct ft_cache *c, const struct ft_cache_volent *old, uint32_t n
 			}
 			r.v = v;
 			rc = replay_stream(&r);
-			if (rc == 0 && tmp.wb.dirty_blocks) {
+			if (rc == 0 && (tmp.wb.dirty_blocks || tmp.wb.ranges)) {
 				if (!c->cfg->discard_dirty) {
 					ft_err("cache %s: it holds %llu bytes of dirty data (not yet written "
 					       "back) of a volume that is no longer configured, or whose "
@@ -293,14 +305,15 @@ int wb_recover(struct ft_cache *c, const struct ft_cache_volent *old, uint32_t n
 					       "back as it was so the data can be written back (a mode of "
 					       "\"write-through\" drains it and switches), or set "
 					       "\"discard_dirty\": true to drop that data",
-					       c->cfg->path, (unsigned long long)tmp.wb.dirty_blocks * BLK,
-					       r.id);
+					       c->cfg->path,
+					       (unsigned long long)tmp.wb.dirty_blocks * BLK, r.id);
 					rc = -EUCLEAN;
 				} else {
 					ft_warn("cache %s: dropping %llu bytes of dirty data of volume id %u "
 						"(\"discard_dirty\")",
 						c->cfg->path,
-						(unsigned long long)tmp.wb.dirty_blocks * BLK, r.id);
+						(unsigned long long)tmp.wb.dirty_blocks * BLK,
+						r.id);
 				}
 			}
 			wb_vol_free(v);
@@ -319,7 +332,7 @@ int wb_recover(struct ft_cache *c, const struct ft_cache_volent *old, uint32_t n
 		for (uint64_t s = v->wb.tail; s <= v->wb.head; s++)
 			c->seg_used[wb_seg_of(v, s)->index] = 1;
 		replayed += v->wb.dirty_blocks;
-		if (v->wb.dirty_blocks) {
+		if (v->wb.dirty_blocks || v->wb.ranges) {
 			v->wb.on = true;
 			ft_info("volume '%s': %llu dirty bytes found in the write-back log", r.name,
 				(unsigned long long)v->wb.dirty_blocks * BLK);

@@ -13,8 +13,8 @@
 #include "flashtier/log.h"
 #include "internal.h"
 
-#define BLK	     FT_CACHE_BLOCK
-#define MAX_RANGE    (1u << 18) /* blocks in one ZERO/TRIM record (1 GiB) */
+#define BLK	      FT_CACHE_BLOCK
+#define MAX_RANGE     (1u << 18) /* blocks in one ZERO/TRIM record (1 GiB) */
 #define MAX_PAGE_DATA (FT_WLOG_RECS_PER_PAGE - 1)
 
 /* ---- the dirty map: open addressing, linear probing, backward-shift delete ---- */
@@ -155,6 +155,7 @@ int wb_vol_init(struct cache_vol *v, uint32_t ring_cap)
 	w->next_rec_seq = 1;
 	w->batch_tail = &w->batch;
 	w->pages_tail = &w->pages;
+	w->ranges_tail = &w->ranges;
 	w->build.fn = build_fn;
 	if (!w->ring)
 		return -ENOMEM;
@@ -167,6 +168,12 @@ void wb_vol_free(struct cache_vol *v)
 
 	for (uint32_t i = 0; w->ring && i < w->ring_cap; i++)
 		free(w->ring[i].blocks);
+	while (w->ranges) {
+		struct wb_range *r = w->ranges;
+
+		w->ranges = r->next;
+		free(r);
+	}
 	free(w->ring);
 	free(w->map.t);
 	w->ring = NULL;
@@ -198,6 +205,15 @@ void wb_apply(struct cache_vol *v, uint64_t block, uint64_t seq, uint32_t loc, u
 		ft_err("volume '%s': out of memory for the dirty map; stopping", v->cfg->name);
 		abort();
 	}
+	if (w->ranges) {
+		struct wb_range *r = wb_range_of(v, block);
+
+		if (r && r->seq > seq) {
+			if (!e->seq)
+				wb_map_del(&w->map, e);
+			return; /* a newer ZERO or TRIM holds the block */
+		}
+	}
 	if (e->seq) {
 		if (e->seq > seq)
 			return; /* a newer record already holds the block */
@@ -211,6 +227,70 @@ void wb_apply(struct cache_vol *v, uint64_t block, uint64_t seq, uint32_t loc, u
 	e->ring = (uint32_t)(seg_seq % w->ring_cap);
 	s->live++;
 	seg_note_block(s, block);
+}
+
+struct wb_range *wb_range_of(const struct cache_vol *v, uint64_t b)
+{
+	struct wb_range *found = NULL;
+
+	for (struct wb_range *r = v->wb.ranges; r; r = r->next)
+		if (b >= r->b0 && b < r->b1)
+			found = r; /* the newest one wins */
+	return found;
+}
+
+static void drop_entry(struct cache_vol *v, struct wb_ent *e)
+{
+	v->wb.ring[e->ring].live--;
+	wb_map_del(&v->wb.map, e);
+	v->wb.dirty_blocks--;
+	ft_stat_sub(&v->stats->dirty_bytes, BLK);
+}
+
+void wb_apply_range(struct cache_vol *v, uint64_t b0, uint64_t nb, uint64_t seq, uint8_t type,
+		    uint64_t seg_seq)
+{
+	struct wb_vol *w = &v->wb;
+	struct wb_range *r;
+
+	if (nb <= WB_RANGE_INLINE) {
+		for (uint64_t b = b0; b < b0 + nb; b++)
+			wb_apply(v, b, seq, type == FT_WLOG_ZERO ? WB_LOC_ZERO : WB_LOC_TRIM,
+				 seg_seq);
+		return;
+	}
+	/* Older entries inside it are superseded: walk whichever is smaller. */
+	if (w->map.n < nb) {
+		for (uint32_t i = 0; i <= w->map.mask;) {
+			struct wb_ent *e = &w->map.t[i];
+
+			if (e->key && e->key - 1 >= b0 && e->key - 1 < b0 + nb && e->seq < seq)
+				drop_entry(v, e); /* slot i now holds a shifted entry: look again */
+			else
+				i++;
+		}
+	} else {
+		for (uint64_t b = b0; b < b0 + nb; b++) {
+			struct wb_ent *e = wb_map_find(&w->map, b);
+
+			if (e && e->seq < seq)
+				drop_entry(v, e);
+		}
+	}
+	r = calloc(1, sizeof(*r));
+	if (!r) {
+		ft_err("volume '%s': out of memory for the dirty map; stopping", v->cfg->name);
+		abort();
+	}
+	r->b0 = b0;
+	r->b1 = b0 + nb;
+	r->seq = seq;
+	r->type = type;
+	r->ring = (uint32_t)(seg_seq % w->ring_cap);
+	*w->ranges_tail = r;
+	w->ranges_tail = &r->next;
+	w->ring[r->ring].live++;
+	ft_stat_add(&v->stats->dirty_bytes, nb * BLK);
 }
 
 /* Open a new head segment. False if the volume is at its limit or the pool is empty. */
@@ -288,7 +368,21 @@ static void page_end_io(struct ft_bio *bio, int error)
 		ft_stat_add(&v->stats->device_errors, 1);
 		ft_err("volume '%s': write-back log write failed: %s; failing the writes in it",
 		       v->cfg->name, strerror(-error));
+		if (!w->cut_seq || pio->page_seq < w->cut_seq) {
+			/*
+			 * A hole in the stream: a replay stops there. Pages after it are
+			 * failed too (their data would not be replayed), and the stream
+			 * goes on in a new segment that a replay resumes at.
+			 */
+			w->cut_seq = pio->page_seq;
+			w->cut_end = UINT64_MAX;
+			w->resume = true;
+			if (w->head >= w->tail)
+				wb_seg_of(v, w->head)->used = FT_WLOG_SEG_BLOCKS;
+		}
 	}
+	if (w->cut_seq && pio->page_seq >= w->cut_seq && pio->page_seq < w->cut_end)
+		error = error ? error : -EIO;
 	for (uint32_t i = 0; i < pio->n; i++) {
 		struct wb_pent *e = &pio->ents[i];
 		struct cache_op *op = e->op;
@@ -297,10 +391,8 @@ static void page_end_io(struct ft_bio *bio, int error)
 			if (e->type == FT_WLOG_DATA)
 				wb_apply(v, e->block, e->seq, e->loc, pio->seg_seq);
 			else
-				for (uint64_t b = e->block; b < e->block + e->nblocks; b++)
-					wb_apply(v, b, e->seq,
-						 e->type == FT_WLOG_ZERO ? WB_LOC_ZERO : WB_LOC_TRIM,
-						 pio->seg_seq);
+				wb_apply_range(v, e->block, e->nblocks, e->seq, e->type,
+					       pio->seg_seq);
 		} else if (!op->error) {
 			op->error = -EIO;
 		}
@@ -317,7 +409,9 @@ static void page_end_io(struct ft_bio *bio, int error)
 		w->pages = d->next;
 		if (!w->pages)
 			w->pages_tail = &w->pages;
-		w->completed_seq = d->page_seq;
+		/* Never past a failed page: no flush may claim it (recovery.c). */
+		if (!(w->cut_seq && d->page_seq >= w->cut_seq && d->page_seq < w->cut_end))
+			w->completed_seq = d->page_seq;
 		free(d->bio.buf);
 		free(d);
 	}
@@ -325,8 +419,12 @@ static void page_end_io(struct ft_bio *bio, int error)
 	wb_destage_kick(v);
 }
 
-/* Put as much of the batch as fits into one page of the head segment and write it. */
-static bool build_page(struct cache_vol *v)
+/*
+ * Put as much of the batch as fits into one page of the head segment and
+ * write it. @marker: write a page even with no record (it carries the new
+ * durable_seq to disk, see recovery.c).
+ */
+static bool build_page(struct cache_vol *v, bool marker)
 {
 	struct wb_vol *w = &v->wb;
 	struct cache_part *p = v->part;
@@ -390,10 +488,10 @@ static bool build_page(struct cache_vol *v)
 		/* Partly placed: the page is full. */
 		break;
 	}
-	if (n == 0)
+	if (n == 0 && !marker)
 		return false;
 	/* Ops partly placed in this page count it too (wholly placed ones did above). */
-	if (ents[n - 1].op == w->batch && w->batch && w->batch->unit < w->batch->nunits)
+	if (n && ents[n - 1].op == w->batch && w->batch && w->batch->unit < w->batch->nunits)
 		w->batch->pages++;
 
 	pio = malloc(sizeof(*pio) + n * sizeof(pio->ents[0]));
@@ -412,8 +510,11 @@ static bool build_page(struct cache_vol *v)
 	pio->page_seq = pg->page_seq;
 	pg->durable_seq = w->durable_seq;
 	pg->tail_seg = w->tail;
-	pg->reserved = w->resume ? 1 : 0; /* first page after a recovery (see recovery.c) */
+	pg->reserved = w->resume ? 1 : 0; /* first page after a recovery or a hole (recovery.c) */
+	if (w->resume && w->cut_seq)
+		w->cut_end = pg->page_seq;
 	w->resume = false;
+	w->marked_durable = w->durable_seq;
 	for (uint32_t i = 0, d = 0; i < n; i++) {
 		struct wb_pent *e = &ents[i];
 		struct ft_wlog_rec *r = &pg->recs[i];
@@ -461,11 +562,12 @@ static bool build_page(struct cache_vol *v)
 
 static void build_fn(struct ft_deferred *d)
 {
-	struct cache_vol *v = (struct cache_vol *)((char *)d - offsetof(struct cache_vol, wb.build));
+	struct cache_vol *v =
+		(struct cache_vol *)((char *)d - offsetof(struct cache_vol, wb.build));
 	struct wb_vol *w = &v->wb;
 
 	while (w->batch && !w->voiding) {
-		if (!build_page(v)) {
+		if (!build_page(v, false)) {
 			/* No log space: the writes wait (throttled) for the destager. */
 			for (struct cache_op *op = w->batch; op; op = op->bnext) {
 				if (!op->throttled) {
@@ -479,6 +581,15 @@ static void build_fn(struct ft_deferred *d)
 		}
 	}
 	w->throttled = false;
+}
+
+void wb_write_marker(struct cache_vol *v)
+{
+	struct wb_vol *w = &v->wb;
+
+	if (w->on && !w->batch && !w->pages && !w->voiding && w->durable_seq > w->marked_durable &&
+	    w->head >= w->tail)
+		build_page(v, true);
 }
 
 void wb_kick_build(struct cache_vol *v)
@@ -520,7 +631,8 @@ static void rmw_ready(struct cache_op *op)
 			if (u->type != FT_WLOG_DATA)
 				continue;
 			s = bio->offset > u->b0 * BLK ? bio->offset : u->b0 * BLK;
-			e = bio->offset + bio->len < u->b1 * BLK ? bio->offset + bio->len : u->b1 * BLK;
+			e = bio->offset + bio->len < u->b1 * BLK ? bio->offset + bio->len
+								 : u->b1 * BLK;
 			memset((char *)u->data + (s - u->b0 * BLK), 0, e - s);
 		}
 	}
@@ -559,7 +671,8 @@ static void rmw_read(struct cache_op *op, uint64_t b, void *dst)
 	struct wb_ent *e = wb_map_find(&v->wb.map, b);
 	struct rmw_read *rr;
 
-	if (e && (e->loc == WB_LOC_ZERO || e->loc == WB_LOC_TRIM)) {
+	if ((e && (e->loc == WB_LOC_ZERO || e->loc == WB_LOC_TRIM)) ||
+	    (!e && v->wb.ranges && wb_range_of(v, b))) {
 		memset(dst, 0, BLK);
 		return;
 	}
@@ -710,6 +823,9 @@ void wb_part_flush_done(struct cache_part *p)
 
 bool wb_any_dirty(const struct cache_vol *v, uint64_t b0, uint64_t b1)
 {
+	for (const struct wb_range *r = v->wb.ranges; r; r = r->next)
+		if (r->b0 < b1 && b0 < r->b1)
+			return true;
 	for (uint64_t b = b0; b < b1; b++)
 		if (wb_map_find(&v->wb.map, b))
 			return true;
@@ -724,7 +840,7 @@ struct wb_read_op {
 	uint32_t n, pending;
 	int error;
 	char *buf;
-	uint32_t *loc;  /* per block: log block, WB_LOC_ZERO/TRIM, or UINT32_MAX - 2: clean */
+	uint32_t *loc;	/* per block: log block, WB_LOC_ZERO/TRIM, or UINT32_MAX - 2: clean */
 	uint32_t *ring; /* per block: the pinned segment */
 };
 
@@ -745,8 +861,8 @@ static void read_done(struct wb_read_op *r)
 		ft_stat_add(&v->stats->hit_bytes, parent->len);
 	} else {
 		ft_stat_add(&v->stats->device_errors, 1);
-		ft_err("volume '%s': reading dirty data back from the log failed: %s",
-		       v->cfg->name, strerror(-error));
+		ft_err("volume '%s': reading dirty data back from the log failed: %s", v->cfg->name,
+		       strerror(-error));
 	}
 	free(r->buf);
 	free(r);
@@ -813,7 +929,8 @@ static void read_dirty(struct wb_read_op *r)
 
 static void store_end_io(struct ft_bio *bio, int error)
 {
-	struct wb_read_op *r = (struct wb_read_op *)((char *)bio - offsetof(struct wb_read_op, store));
+	struct wb_read_op *r =
+		(struct wb_read_op *)((char *)bio - offsetof(struct wb_read_op, store));
 
 	if (error) {
 		r->error = error;
@@ -854,8 +971,9 @@ void wb_read(struct cache_vol *v, struct ft_bio *bio)
 		struct wb_ent *e = wb_map_find(&v->wb.map, b0 + i);
 
 		if (!e) {
-			r->loc[i] = LOC_CLEAN;
-			any_clean = true;
+			r->loc[i] =
+				v->wb.ranges && wb_range_of(v, b0 + i) ? WB_LOC_ZERO : LOC_CLEAN;
+			any_clean = any_clean || r->loc[i] == LOC_CLEAN;
 			continue;
 		}
 		r->loc[i] = e->loc;
