@@ -1088,3 +1088,86 @@ Test(config, cache_path_checks)
 		    "not a regular file or block device", NULL);
 	rm_rf(dir);
 }
+
+/* ---- write-back ---- */
+
+Test(config, write_back_parsed)
+{
+	struct ft_config *cfg = parse_ok(
+		"{\"listen\": \"s\",\n"
+		" \"cache\": {\"path\": \"c.img\", \"size\": \"1G\", \"log_size\": \"10%\",\n"
+		"             \"discard_dirty\": true},\n"
+		" \"volumes\": {\n"
+		"  \"dflt\": {\"backing\": \"a\", \"cache\": {\"mode\": \"write-back\"}},\n"
+		"  \"set\": {\"backing\": \"b\", \"cache\": {\"mode\": \"write-back\",\n"
+		"          \"dirty_limit\": \"64M\", \"dirty_high\": \"80%\", \"dirty_low\": \"60%\",\n"
+		"          \"dirty_max_age\": 2.5, \"destage_bandwidth\": \"50M\"}},\n"
+		"  \"pct\": {\"backing\": \"c\", \"cache\": {\"mode\": \"write-back\",\n"
+		"          \"dirty_limit\": \"40%\"}}}}",
+		false);
+	const struct ft_volume_policy *d = &cfg->volumes[0].policy, *s = &cfg->volumes[1].policy,
+				      *p = &cfg->volumes[2].policy;
+
+	cr_assert_eq(cfg->cache.log_percent, 10);
+	cr_assert_eq(cfg->cache.log_bytes, 0);
+	cr_assert(cfg->cache.discard_dirty);
+	cr_assert_eq(d->mode, FT_CACHE_WRITE_BACK);
+	cr_assert_eq(d->dirty_limit_bytes, 0);
+	cr_assert_eq(d->dirty_limit_percent, 0, "default: a fair share, decided at start");
+	cr_assert_eq(d->dirty_high_percent, 50);
+	cr_assert_eq(d->dirty_low_percent, 25);
+	cr_assert_eq(d->dirty_max_age_ms, 30000);
+	cr_assert_eq(d->destage_bandwidth, 0);
+	cr_assert_eq(s->dirty_limit_bytes, 64ull << 20);
+	cr_assert_eq(s->dirty_high_percent, 80);
+	cr_assert_eq(s->dirty_low_percent, 60);
+	cr_assert_eq(s->dirty_max_age_ms, 2500);
+	cr_assert_eq(s->destage_bandwidth, 50ull << 20);
+	cr_assert_eq(p->dirty_limit_percent, 40);
+	ft_config_free(cfg);
+
+	cfg = parse_ok("{\"listen\": \"s\", \"cache\": {\"path\": \"c.img\", \"log_size\": \"8M\"},"
+		       " \"volumes\": {\"d\": {\"backing\": \"f\"}}}",
+		       false);
+	cr_assert_eq(cfg->cache.log_bytes, 8ull << 20);
+	cr_assert_eq(cfg->cache.log_percent, 0);
+	cr_assert_eq(cfg->cache.discard_dirty, false);
+	ft_config_free(cfg);
+}
+
+Test(config, write_back_bad_values)
+{
+	static const struct {
+		const char *vol, *needle;
+	} cases[] = {
+		{ ", \"cache\": {\"mode\": \"write-through\", \"dirty_high\": \"50%\"}",
+		  "only applies to \"mode\": \"write-back\"" },
+		{ ", \"cache\": {\"mode\": \"write-back\", \"dirty_high\": \"30%\", \"dirty_low\": "
+		  "\"30%\"}",
+		  "below dirty_high" },
+		{ ", \"cache\": {\"mode\": \"write-back\", \"dirty_high\": 50}", "percentage" },
+		{ ", \"cache\": {\"mode\": \"write-back\", \"dirty_low\": \"0%\"}", "percentage" },
+		{ ", \"cache\": {\"mode\": \"write-back\", \"dirty_limit\": \"1M\"}", "at least 4M" },
+		{ ", \"cache\": {\"mode\": \"write-back\", \"dirty_limit\": \"150%\"}", "percentage" },
+		{ ", \"cache\": {\"mode\": \"write-back\", \"dirty_max_age\": 0}", "seconds" },
+		{ ", \"cache\": {\"mode\": \"write-back\", \"dirty_max_age\": \"30s\"}", "seconds" },
+		{ ", \"cache\": {\"mode\": \"write-back\", \"destage_bandwidth\": \"10K\"}",
+		  "at least 1M" },
+		{ ", \"cache\": {\"mode\": \"write-back\", \"dirty_age\": 3}", "dirty_age" },
+	};
+	char json[1024];
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		cache_json(json, sizeof(json), CACHE_OK, cases[i].vol);
+		expect_fail(json, false, "volumes.d.cache.", cases[i].needle, NULL);
+	}
+	cache_json(json, sizeof(json),
+		   "\"cache\": {\"path\": \"/var/cache/ft.img\", \"log_size\": \"2M\"},", "");
+	expect_fail(json, false, "key 'cache.log_size'", "at least 4M", NULL);
+	cache_json(json, sizeof(json),
+		   "\"cache\": {\"path\": \"/var/cache/ft.img\", \"log_size\": \"95%\"},", "");
+	expect_fail(json, false, "key 'cache.log_size'", "at most 90%", NULL);
+	cache_json(json, sizeof(json),
+		   "\"cache\": {\"path\": \"/var/cache/ft.img\", \"discard_dirty\": 1},", "");
+	expect_fail(json, false, "key 'cache.discard_dirty'", "true or false", NULL);
+}
