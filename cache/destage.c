@@ -190,7 +190,9 @@ static bool destage_one(struct cache_vol *v, struct wb_seg *s)
 		e = wb_map_find(&w->map, b0);
 		if (e && e->ring == ring && w->ranges && wb_range_of(v, b0))
 			return false; /* newer than a ZERO/TRIM not yet on the store: after it */
-		if (e && e->ring == ring && !in_flight(v, b0))
+		if (e && e->ring == ring && in_flight(v, b0))
+			return false; /* an older record of it is on its way: this one after it */
+		if (e && e->ring == ring)
 			break;
 		s->cursor++;
 		e = NULL;
