@@ -47,7 +47,8 @@ bool ft_seqdetect_admit(struct ft_seqdetect *d, uint64_t offset, uint64_t len)
 			s->next = offset + len;
 			s->last_use = d->clock;
 			s->proven = true;
-			/* Admit up to the cutoff: a short sequential read is still worth caching. */
+			/* Admit up to the cutoff: a short sequential read is still worth caching.
+			 */
 			return s->run <= d->cutoff;
 		}
 	}

@@ -64,8 +64,9 @@ int cache_mark_untrusted(struct ft_cache *c, const char *why)
 		close(fd);
 		return -ENOMEM;
 	}
-	fprintf(f, "# flashtier: do not trust this cache device's contents at the next start\n"
-		   "uuid=%s\nreason=%s\n",
+	fprintf(f,
+		"# flashtier: do not trust this cache device's contents at the next start\n"
+		"uuid=%s\nreason=%s\n",
 		u, why);
 	if (fflush(f) != 0 || fsync(fd) < 0)
 		rc = -errno;
@@ -193,8 +194,8 @@ int ft_cache_add_volume(struct ft_cache *c, const struct ft_volume_config *vc, u
 	}
 	v->wb.switch_to = v->policy.mode;
 	if (v->policy.mode == FT_CACHE_WRITE_BACK) /* the log gives FLUSH and FUA their meaning */
-		v->base.caps |= FT_BACKEND_CAN_FLUSH | FT_BACKEND_CAN_FUA |
-				FT_BACKEND_FLUSH_COVERS_ALL;
+		v->base.caps |=
+			FT_BACKEND_CAN_FLUSH | FT_BACKEND_CAN_FUA | FT_BACKEND_FLUSH_COVERS_ALL;
 	v->wb.on = v->policy.mode == FT_CACHE_WRITE_BACK;
 	ft_seqdetect_init(&v->seq, v->policy.sequential_cutoff);
 	c->vols[c->nvols++] = v;
@@ -470,9 +471,9 @@ static void wb_limits(struct ft_cache *c)
 		struct cache_vol *v = c->vols[i];
 		struct wb_vol *w = &v->wb;
 		const struct ft_volume_policy *pol = &v->policy;
-		uint64_t lim = pol->dirty_limit_bytes	? pol->dirty_limit_bytes
+		uint64_t lim = pol->dirty_limit_bytes	  ? pol->dirty_limit_bytes
 			       : pol->dirty_limit_percent ? log / 100 * pol->dirty_limit_percent
-						       : log / (n ? n : 1);
+							  : log / (n ? n : 1);
 
 		if (!w->on)
 			continue;
@@ -514,7 +515,8 @@ static int wb_setup(struct ft_cache *c, const struct ft_cache_volent *old, uint3
 			continue;
 		/* Nothing to replay: void whatever the stream held (W5 holds trivially). */
 		for (uint64_t s = w->tail; s <= w->head && w->head >= w->tail; s++)
-			c->seg_used[wb_seg_of(v, s)->index] = 0;
+			if (wb_seg_of(v, s)->index != UINT32_MAX)
+				c->seg_used[wb_seg_of(v, s)->index] = 0;
 		w->tail = 1;
 		w->head = 0;
 		w->resume = false;
@@ -551,6 +553,7 @@ int ft_cache_start(struct ft_cache *c, unsigned n_reactors)
 	int rc;
 
 	memcpy(old, c->dev->volumes, nold * sizeof(old[0]));
+	c->t0_ns = ft_now_ns();
 	assign_ids(c, kept);
 	rc = partition(c, n_reactors);
 	if (rc < 0) {
@@ -587,6 +590,7 @@ int ft_cache_start(struct ft_cache *c, unsigned n_reactors)
 			     p->npages * (sizeof(*p->page_dirty) + sizeof(*p->dirty_list)) +
 			     2 * BLOOM_BITS / 8 + sizeof(*p);
 	}
+	c->started = true;
 	ft_info("cache %s: %llu blocks, %.1f bytes of RAM per block", c->cfg->path,
 		(unsigned long long)c->dev->geo.nslots,
 		c->dev->geo.nslots ? (double)c->memory / (double)c->dev->geo.nslots : 0.0);
@@ -595,7 +599,8 @@ int ft_cache_start(struct ft_cache *c, unsigned n_reactors)
 
 static void drain_fn(struct ft_reactor *r, struct ft_msg *m)
 {
-	struct cache_part *p = (struct cache_part *)((char *)m - offsetof(struct cache_part, drain_msg));
+	struct cache_part *p =
+		(struct cache_part *)((char *)m - offsetof(struct cache_part, drain_msg));
 
 	(void)r;
 	__atomic_store_n(&p->drain_posted, 0, __ATOMIC_RELEASE);
@@ -637,8 +642,9 @@ static int persist_records(struct ft_cache *c)
 			continue;
 		for (uint32_t i = 0; i < p->ndirty && rc == 0; i++) {
 			uint32_t page = p->dirty_list[i];
-			off_t off = (off_t)(c->dev->geo.meta_offset +
-					    (p->first_slot / RECS_PER_PAGE + page) * FT_CACHE_BLOCK);
+			off_t off =
+				(off_t)(c->dev->geo.meta_offset +
+					(p->first_slot / RECS_PER_PAGE + page) * FT_CACHE_BLOCK);
 
 			part_encode_page(p, page, buf);
 			if (pwrite(c->dev->fd, buf, FT_CACHE_BLOCK, off) != FT_CACHE_BLOCK)
@@ -659,13 +665,16 @@ void ft_cache_close(struct ft_cache *c)
 
 	if (!c)
 		return;
-	if (c->parts) {
+	/* A start that failed (refused dirty data, a damaged log) leaves the device as it was. */
+	if (c->parts && c->started) {
 		rc = persist_records(c);
 		if (rc == 0)
 			rc = ft_cachedev_write_sb(c->dev, c->dev->flags | FT_CACHE_SB_CLEAN);
 		if (rc < 0)
 			ft_warn("cache %s: could not record a clean shutdown: %s", c->cfg->path,
 				strerror(-rc));
+	}
+	if (c->parts) {
 		for (unsigned r = 0; r < c->nparts; r++)
 			part_destroy(c->parts[r]);
 		free(c->parts);

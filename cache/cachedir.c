@@ -33,10 +33,10 @@
 #define NONE FT_CACHEDIR_NONE
 
 /* state bits */
-#define ST_USED   0x01
-#define ST_MAIN   0x02 /* in the main FIFO (else the small one) */
-#define ST_PINNED 0x04
-#define ST_QUEUED 0x08 /* on a FIFO (a tombstone if not ST_USED) */
+#define ST_USED	      0x01
+#define ST_MAIN	      0x02 /* in the main FIFO (else the small one) */
+#define ST_PINNED     0x04
+#define ST_QUEUED     0x08 /* on a FIFO (a tombstone if not ST_USED) */
 #define ST_FREQ_SHIFT 4
 #define ST_FREQ_MASK  (3u << ST_FREQ_SHIFT)
 
@@ -63,10 +63,10 @@ struct ft_cachedir {
 
 	uint32_t *ghost;
 	uint32_t nghost;
-	uint32_t ghost_cap;   /* remembered evictions (= the main FIFO's size) */
+	uint32_t ghost_cap;    /* remembered evictions (= the main FIFO's size) */
 	uint32_t ghost_window; /* epochs a ghost stays live */
-	uint32_t epoch_len;   /* evictions per epoch */
-	uint32_t epoch_count; /* evictions into the current epoch */
+	uint32_t epoch_len;    /* evictions per epoch */
+	uint32_t epoch_count;  /* evictions into the current epoch */
 	uint16_t epoch;
 };
 
@@ -459,8 +459,9 @@ uint32_t ft_cachedir_slots(const struct ft_cachedir *d)
 
 size_t ft_cachedir_memory(const struct ft_cachedir *d)
 {
-	return sizeof(*d) + (size_t)d->nslots * (sizeof(*d->key) + sizeof(*d->hnext) +
-						  sizeof(*d->qnext) + sizeof(*d->state)) +
+	return sizeof(*d) +
+	       (size_t)d->nslots * (sizeof(*d->key) + sizeof(*d->hnext) + sizeof(*d->qnext) +
+				    sizeof(*d->state)) +
 	       (size_t)d->nbuckets * sizeof(*d->bucket) + (size_t)d->nghost * sizeof(*d->ghost);
 }
 

@@ -39,6 +39,7 @@ struct destage_io {
 
 static void pump(struct cache_vol *v);
 static void void_stream(struct cache_vol *v);
+static void update_age(struct cache_vol *v, uint64_t now);
 
 static bool in_flight(const struct cache_vol *v, uint64_t b)
 {
@@ -52,6 +53,7 @@ static void tick_fn(struct ft_timer *t)
 {
 	struct cache_vol *v = (struct cache_vol *)((char *)t - offsetof(struct cache_vol, wb.tick));
 
+	update_age(v, ft_now_ns());
 	pump(v);
 	if (v->wb.throttled)
 		wb_kick_build(v);
@@ -69,19 +71,31 @@ static void arm_tick(struct cache_vol *v)
 	}
 }
 
+/* The oldest dirty entry's age: the first one still current in the oldest live segment. */
 static void update_age(struct cache_vol *v, uint64_t now)
 {
 	struct wb_vol *w = &v->wb;
-	uint64_t age = 0;
+	uint64_t age = 0, now_t = wb_ticks(v->cache, now);
 
 	for (uint64_t s = w->tail; s <= w->head && w->head >= w->tail; s++) {
 		struct wb_seg *g = wb_seg_of(v, s);
+		uint32_t ring = (uint32_t)(s % w->ring_cap);
 
-		if (g->live) {
-			age = (now - g->opened_ns) / 1000000000ull;
-			break;
+		if (!g->live)
+			continue;
+		for (uint32_t i = 0; i < g->nblocks; i++) {
+			struct wb_ent *e = wb_map_find(&w->map, g->blocks[i]);
+
+			if (e && e->ring == ring) {
+				age = e->t ? (now_t - e->t) * WB_TICK_NS / 1000000000ull
+					   : (now - g->opened_ns) / 1000000000ull;
+				break;
+			}
 		}
+		break;
 	}
+	if (w->ranges && !age)
+		age = 1;
 	__atomic_store_n(&v->stats->dirty_oldest_seconds, age, __ATOMIC_RELAXED);
 }
 
@@ -109,6 +123,8 @@ static void destage_done(struct destage_io *d, int error)
 				v->cfg->name, strerror(-error));
 			w->backoff_ms = BACKOFF_MIN;
 			ft_stat_add(&v->stats->destage_retrying, 1);
+		} else if (ft_now_ns() < w->retry_at_ns) {
+			/* Another write of the same try failed: one try, one doubling. */
 		} else if (w->backoff_ms < BACKOFF_MAX) {
 			w->backoff_ms =
 				w->backoff_ms * 2 > BACKOFF_MAX ? BACKOFF_MAX : w->backoff_ms * 2;
@@ -175,8 +191,11 @@ static void rd_end_io(struct ft_bio *bio, int error)
 	ft_bio_submit(d->v->inner, &d->wr);
 }
 
-/* Start one destage write from segment @s's scan position. False if nothing there. */
-static bool destage_one(struct cache_vol *v, struct wb_seg *s)
+/*
+ * Start one destage write from segment @s's scan position. False if nothing
+ * there, or the next entry is not older than @young (a time in WB_TICK_NS).
+ */
+static bool destage_one(struct cache_vol *v, struct wb_seg *s, uint32_t young)
 {
 	struct wb_vol *w = &v->wb;
 	struct destage_io *d;
@@ -192,6 +211,8 @@ static bool destage_one(struct cache_vol *v, struct wb_seg *s)
 			return false; /* newer than a ZERO/TRIM not yet on the store: after it */
 		if (e && e->ring == ring && in_flight(v, b0))
 			return false; /* an older record of it is on its way: this one after it */
+		if (e && e->ring == ring && e->t >= young)
+			return false; /* too young to go for its age alone */
 		if (e && e->ring == ring)
 			break;
 		s->cursor++;
@@ -303,7 +324,7 @@ static void pump(struct cache_vol *v)
 {
 	struct wb_vol *w = &v->wb;
 	const struct ft_volume_policy *pol = &v->policy;
-	uint64_t now = ft_now_ns(), used = wb_log_used(v);
+	uint64_t now = ft_now_ns(), dirty = wb_dirty_bytes(v);
 	uint64_t aged_before = now > pol->dirty_max_age_ms * 1000000ull
 				       ? now - pol->dirty_max_age_ms * 1000000ull
 				       : 0;
@@ -311,8 +332,7 @@ static void pump(struct cache_vol *v)
 
 	if (!w->on || !v->part->reactor)
 		return;
-	update_age(v, now);
-	if (w->dirty_blocks || w->ranges || w->throttled || w->draining ||
+	if (w->dirty_blocks || w->ranges || w->throttled || w->draining || w->nlimbo ||
 	    w->durable_seq > w->marked_durable)
 		arm_tick(v);
 	if (ft_reactor_stopping(v->part->reactor))
@@ -324,9 +344,10 @@ static void pump(struct cache_vol *v)
 	}
 	if (now < w->retry_at_ns)
 		return;
-	if (used >= w->high)
+	/* Watermarks on dirty bytes: log space only comes back a segment at a time. */
+	if (dirty >= w->high)
 		w->above_high = true;
-	else if (used <= w->low)
+	else if (dirty <= w->low)
 		w->above_high = false;
 	if (pol->destage_bandwidth && !w->draining) {
 		double cap = (double)pol->destage_bandwidth;
@@ -342,10 +363,10 @@ static void pump(struct cache_vol *v)
 		any = false;
 		for (uint64_t seq = w->tail; seq <= w->head && w->head >= w->tail; seq++) {
 			struct wb_seg *s = wb_seg_of(v, seq);
-			bool want = w->draining || w->throttled || w->above_high ||
-				    s->opened_ns < aged_before;
+			bool urgent = w->draining || w->throttled || w->above_high;
+			uint32_t young = urgent ? UINT32_MAX : wb_ticks(v->cache, aged_before);
 
-			if (!want)
+			if (!urgent && s->opened_ns >= aged_before)
 				break; /* segments only get younger from here */
 			if (w->destage_inflight >= DESTAGE_DEPTH)
 				return;
@@ -354,7 +375,7 @@ static void pump(struct cache_vol *v)
 				return; /* the tick refills */
 			if (s->cursor >= s->nblocks)
 				continue;
-			if (destage_one(v, s)) {
+			if (destage_one(v, s, young)) {
 				if (pol->destage_bandwidth && !w->draining)
 					w->tokens -= (double)w->destages->n * BLK;
 				any = true;
@@ -371,6 +392,25 @@ void wb_destage_kick(struct cache_vol *v)
 
 /* ---- giving segments back (W4) ---- */
 
+static void limbo_done(struct cache_waiter *wt, int error)
+{
+	struct cache_vol *v =
+		(struct cache_vol *)((char *)wt - offsetof(struct cache_vol, wb.limbo_wait));
+	struct wb_vol *w = &v->wb;
+
+	if (error) {
+		w->limbo_page = 0; /* try again with another page */
+		return;
+	}
+	for (uint32_t i = 0; i < w->nlimbo; i++)
+		wb_seg_release(v->cache, w->limbo[i]);
+	w->nlimbo = 0;
+	w->limbo_page = 0;
+	if (w->throttled)
+		wb_kick_build(v);
+	wb_seg_check_reclaim(v);
+}
+
 static void free_upto(struct cache_vol *v, uint64_t upto)
 {
 	struct wb_vol *w = &v->wb;
@@ -380,11 +420,20 @@ static void free_upto(struct cache_vol *v, uint64_t upto)
 
 		if (s->live || s->busy)
 			break;
-		wb_seg_release(v->cache, s->index);
+		if (s->index != UINT32_MAX)
+			w->limbo[w->nlimbo++] = s->index;
+		w->limbo_page = 0;
 		free(s->blocks);
 		memset(s, 0, sizeof(*s));
 		w->tail++;
 		ft_stat_sub(&v->stats->log_used_bytes, FT_WLOG_SEG_BYTES);
+	}
+	if (w->nlimbo) {
+		w->limbo_wait.fn = limbo_done;
+		if (w->batch)
+			wb_kick_build(v); /* the next page carries the new tail */
+		else
+			wb_write_marker(v);
 	}
 }
 
@@ -449,7 +498,7 @@ void wb_seg_check_reclaim(struct cache_vol *v)
 	struct wb_vol *w = &v->wb;
 	uint64_t upto = 0;
 
-	if (!w->on || w->reclaiming || w->voiding || !v->part->reactor)
+	if (!w->on || w->reclaiming || w->voiding || w->nlimbo || !v->part->reactor)
 		return;
 	/* Never the head: writes go on there. */
 	for (uint64_t s = w->tail; s < w->head; s++) {
@@ -477,8 +526,8 @@ static void void_stream(struct cache_vol *v)
 	int rc = 0;
 
 	if (!w->voiding) {
-		if (w->reclaiming)
-			return; /* its end calls pump() again */
+		if (w->reclaiming || w->nlimbo)
+			return; /* their ends call pump() again (or the tick does) */
 		w->voiding = true;
 		start_reclaim(v);
 		return;

@@ -15,8 +15,8 @@
 #define BLK FT_CACHE_BLOCK
 
 /* A read issued by NBD_CMD_CACHE: always admitted, not counted as a VM read. */
-#define BIO_PREFETCH (1u << 31)
-#define PREFETCH_CHUNK (4u << 20)
+#define BIO_PREFETCH	   (1u << 31)
+#define PREFETCH_CHUNK	   (4u << 20)
 #define HIT_SLOTS_ON_STACK 64
 
 struct cache_fill {
@@ -475,8 +475,8 @@ static void prefetch_loop(struct prefetch *pf)
 {
 	pf->in_loop = true;
 	while (!pf->error && pf->next < pf->end) {
-		uint64_t len = pf->end - pf->next < PREFETCH_CHUNK ? pf->end - pf->next
-								    : PREFETCH_CHUNK;
+		uint64_t len =
+			pf->end - pf->next < PREFETCH_CHUNK ? pf->end - pf->next : PREFETCH_CHUNK;
 
 		pf->rd.op = FT_BIO_READ;
 		pf->rd.flags = BIO_PREFETCH;

@@ -220,7 +220,10 @@ struct wb_ent {
 	uint64_t seq;  /* its record's seq */
 	uint32_t loc;  /* log block of its data (from the log's start), or WB_LOC_ZERO/TRIM */
 	uint32_t ring; /* its segment's place in the stream ring */
+	uint32_t t;    /* when it was logged, in WB_TICK_NS since start; 0 = replayed */
 };
+
+#define WB_TICK_NS (10ull * 1000 * 1000)
 
 struct wb_map {
 	struct wb_ent *t;
@@ -268,12 +271,21 @@ struct wb_vol {
 	uint64_t reclaim_upto;
 	uint64_t cut_seq, cut_end; /* pages in [cut_seq, cut_end) failed or follow a failed one */
 	uint64_t marked_durable;   /* durable_seq carried by the last page written */
+	/*
+	 * Segments given back wait here until a durable page claims the tail
+	 * past them (W4: a replay never finds one of its own segments reused).
+	 */
+	uint32_t *limbo;
+	uint32_t nlimbo;
+	uint64_t limbo_page; /* the first page written after the tail moved, or 0 */
+	struct cache_waiter limbo_wait;
 	struct cache_waiter reclaim_wait;
 	struct ft_bio store_flush;
 	struct wb_page_io *pages; /* in flight, oldest first */
 	struct wb_page_io **pages_tail;
 	struct wb_map map;
 	uint64_t dirty_blocks;
+	uint32_t apply_t; /* the time wb_apply() stamps entries with */
 	struct wb_range *ranges, **ranges_tail; /* oldest first */
 	/* Writes ready to be logged, oldest first. */
 	struct cache_op *batch, **batch_tail;
@@ -333,6 +345,8 @@ struct ft_cache {
 	uint32_t *seg_free;
 	uint32_t nfree;
 	unsigned n_wb; /* volumes in write-back at start */
+	bool started;  /* ft_cache_start() succeeded: the device may be written at close */
+	uint64_t t0_ns; /* the origin of write-back entry times */
 };
 
 /* ---- meta.c: record pages, rounds, the stale-record filter ---- */
@@ -355,6 +369,12 @@ void part_io_put(struct cache_part *p);
 
 /* ---- writeback.c ---- */
 
+/* @ns on the monotonic clock as an entry time (WB_TICK_NS since the start; 0 before). */
+static inline uint32_t wb_ticks(const struct ft_cache *c, uint64_t ns)
+{
+	return ns > c->t0_ns ? (uint32_t)((ns - c->t0_ns) / WB_TICK_NS) : 0;
+}
+
 int wb_map_init(struct wb_map *m, uint32_t size);
 struct wb_ent *wb_map_find(const struct wb_map *m, uint64_t block);
 /* Insert or find @block's entry (its key set); NULL without memory. */
@@ -376,6 +396,8 @@ struct wb_range *wb_range_of(const struct cache_vol *v, uint64_t b);
 uint32_t wb_seg_alloc(struct ft_cache *c);
 void wb_seg_release(struct ft_cache *c, uint32_t index);
 uint64_t wb_log_used(const struct cache_vol *v);
+/* Bytes not yet on the store (blocks and pending ranges). */
+uint64_t wb_dirty_bytes(const struct cache_vol *v);
 void wb_kick_build(struct cache_vol *v);
 /* If a flush made more pages durable than any page on disk says, write an empty page saying so. */
 void wb_write_marker(struct cache_vol *v);

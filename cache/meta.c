@@ -159,8 +159,8 @@ static void round_io_done(struct cache_part *p, int error)
 
 static void flush_end_io(struct ft_bio *bio, int error)
 {
-	struct cache_part *p = (struct cache_part *)((char *)bio - offsetof(struct cache_part,
-									     flush_bio));
+	struct cache_part *p =
+		(struct cache_part *)((char *)bio - offsetof(struct cache_part, flush_bio));
 
 	if (error) {
 		ft_err("cache %s: flush failed: %s", p->cache->cfg->path, strerror(-error));

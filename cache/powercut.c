@@ -5,10 +5,10 @@
  *
  * Every wrapped handle (one per reactor) shares one state under a mutex and
  * does its I/O synchronously with pread/pwrite on its own descriptor of the
- * cache file; the inner file backend is kept only for its geometry and is
- * closed with the last handle. Completions are delivered on the owning
- * reactor's thread through ft_reactor_defer(), after submit() has returned,
- * as a real asynchronous device would.
+ * cache file; the inner file backend is kept for its geometry (size, caps,
+ * min_block, max_request), attach() and close(). Completions are delivered on
+ * the owning reactor's thread through ft_reactor_defer(), after submit() has
+ * returned, as a real asynchronous device would.
  *
  * What a power cut loses is kept as an undo log rather than as a redo log:
  * a WRITE goes to the file at once, and the layer keeps the content it
@@ -26,8 +26,22 @@
  * no overlay either.
  *
  * A FLUSH covers every write submitted before it (they are all complete in
- * this layer; only the delivery of their completions is deferred), which is
- * no weaker than a real device.
+ * this layer; only the delivery of their completions is deferred). That is
+ * a little stronger than a real device, which need not persist a write
+ * whose completion it has not reported yet: an engine that flushes before
+ * its write completed would not be caught here.
+ *
+ * The tear (":tear") keeps k whole 512-byte sectors of the N-th write, k
+ * from 1 to n-1 where the write has n sectors, k a hash of N (the same N
+ * tears the same way); a one-sector write cannot tear, and the line says
+ * so. The crash line then reads, e.g. (one line):
+ *   powercut: 57 device writes, 20 flushes; tore write 57 (50749440+4096):
+ *   3 of 8 sectors
+ *
+ * The cache file's path is read from the first members of the file
+ * backend's private struct (struct file_backend in agent/backend/file.c:
+ * b, path, fd), checked against its descriptor (same inode) before use:
+ * keep pc_file_backend_head in step with it, or give backend.h an accessor.
  *
  * Counting: WRITE and WRITE_ZEROES are device writes (counted from 1 across
  * all reactors); FLUSH is a flush; TRIM is advisory and a no-op here (the
@@ -47,8 +61,8 @@
 #include "flashtier/log.h"
 #include "flashtier/powercut.h"
 
-#define PC_SECTOR     512u
-#define PC_EXIT_CODE  86
+#define PC_SECTOR    512u
+#define PC_EXIT_CODE 86
 
 /* One write not yet covered by a FLUSH. */
 struct pc_undo {
@@ -60,8 +74,8 @@ struct pc_undo {
 
 static struct {
 	pthread_once_t once;
-	int env_rc;	 /* parse result: 1 enabled, 0 unset, < 0 invalid */
-	uint64_t limit;	 /* crash at this device write; 0 counts only */
+	int env_rc;	/* parse result: 1 enabled, 0 unset, < 0 invalid */
+	uint64_t limit; /* crash at this device write; 0 counts only */
 	bool tear;
 
 	pthread_mutex_t lock;
@@ -187,8 +201,9 @@ static uint64_t mix64(uint64_t z)
 static void say(const char *extra)
 {
 	char line[256];
-	int n = snprintf(line, sizeof(line), "powercut: %" PRIu64 " device writes, %" PRIu64
-			 " flushes%s\n", __atomic_load_n(&pc.writes, __ATOMIC_RELAXED),
+	int n = snprintf(line, sizeof(line),
+			 "powercut: %" PRIu64 " device writes, %" PRIu64 " flushes%s\n",
+			 __atomic_load_n(&pc.writes, __ATOMIC_RELAXED),
 			 __atomic_load_n(&pc.flushes, __ATOMIC_RELAXED), extra);
 
 	if (n > 0 && write(STDERR_FILENO, line, (size_t)n) < 0) {
@@ -217,13 +232,13 @@ static void __attribute__((noreturn)) power_cut(const struct ft_bio *bio)
 
 			(void)pc_pwrite(data, k * PC_SECTOR, bio->offset);
 			snprintf(extra, sizeof(extra),
-				 "; tore write %" PRIu64 " (%" PRIu64 "+%" PRIu64
-				 "): %" PRIu64 " of %" PRIu64 " sectors",
+				 "; tore write %" PRIu64 " (%" PRIu64 "+%" PRIu64 "): %" PRIu64
+				 " of %" PRIu64 " sectors",
 				 pc.limit, bio->offset, bio->len, k, nsec);
 		} else {
 			snprintf(extra, sizeof(extra),
-				 "; write %" PRIu64 " (%" PRIu64 "+%" PRIu64
-				 ") too short to tear", pc.limit, bio->offset, bio->len);
+				 "; write %" PRIu64 " (%" PRIu64 "+%" PRIu64 ") too short to tear",
+				 pc.limit, bio->offset, bio->len);
 		}
 	}
 	say(extra);
@@ -389,7 +404,8 @@ static const struct ft_backend_ops pc_ops = {
 	.close = pc_close,
 };
 
-/* Lock held. Open our descriptor of the file behind @inner (first wrap), or check it is the same. */
+/* Lock held. Open our descriptor of @inner's file (first wrap), or check it is
+ * the same. */
 static int open_file(struct ft_backend *inner)
 {
 	const struct pc_file_backend_head *fh = (const struct pc_file_backend_head *)inner;
@@ -447,7 +463,8 @@ int ft_powercut_wrap(struct ft_backend **dev)
 			atexit(at_exit);
 			if (pc.limit)
 				ft_info("powercut: test hook on: power cut at device write %" PRIu64
-					"%s", pc.limit, pc.tear ? ", torn" : "");
+					"%s",
+					pc.limit, pc.tear ? ", torn" : "");
 			else
 				ft_info("powercut: test hook on: counting device writes only");
 		}

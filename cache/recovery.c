@@ -32,6 +32,7 @@
 
 struct seg_head {
 	bool valid;
+	bool damaged;		/* its first page is not: pg is a later page of the segment */
 	struct ft_wlog_page pg; /* host order when valid */
 };
 
@@ -163,53 +164,110 @@ static int cmp_seq(const void *a, const void *b, void *arg)
 	return x < y ? -1 : x > y;
 }
 
+/* The largest tail claim of any page in the newest segment (read into the buffer). */
+static int newest_tail_claim(struct replay *r, uint64_t *claim)
+{
+	uint32_t newest = r->segs[r->nsegs - 1];
+	uint64_t seq = r->heads[newest].pg.seg_seq;
+	struct ft_wlog_page pg;
+	int rc = read_seg(r, newest);
+
+	if (rc < 0)
+		return rc;
+	for (uint32_t b = 0; b < FT_WLOG_SEG_BLOCKS; b++)
+		if (page_at(r, b, &pg) && pg.seg_seq == seq && pg.tail_seg > *claim)
+			*claim = pg.tail_seg;
+	return 0;
+}
+
+/*
+ * The pages of the stream stop continuing before segment @next_i (a torn
+ * or corrupt page, or a missing segment): fatal if a flush covered page
+ * @e; otherwise skip to the next resume segment. Returns its index (or
+ * nsegs), or a negative errno.
+ */
+static int cut(struct replay *r, uint64_t e, uint64_t seg_seq, uint32_t from, uint32_t next_i)
+{
+	uint32_t end_i = next_i;
+	int rc;
+
+	while (end_i < r->nsegs && !(r->heads[r->segs[end_i]].pg.reserved & PAGE_RESUME))
+		end_i++;
+	r->expected = e;
+	rc = fatal_check(r, seg_seq, from, next_i, end_i);
+	return rc < 0 ? rc : (int)end_i;
+}
+
 static int replay_stream(struct replay *r)
 {
 	struct cache_vol *v = r->v;
 	struct wb_vol *w = &v->wb;
-	uint32_t first = r->nsegs - 1;
-	uint64_t tail_claim = 0;
-	uint32_t end_i;
-	bool skipping = false;
+	uint64_t tail = 0, want;
+	uint32_t first = 0, i;
+	bool started = false;
 	int rc;
 
 	qsort_r(r->segs, r->nsegs, sizeof(r->segs[0]), cmp_seq, r->heads);
-	while (first > 0 &&
-	       r->heads[r->segs[first - 1]].pg.seg_seq == r->heads[r->segs[first]].pg.seg_seq - 1)
-		first--;
-	for (uint32_t i = first; i < r->nsegs; i++)
-		if (r->heads[r->segs[i]].pg.tail_seg > tail_claim)
-			tail_claim = r->heads[r->segs[i]].pg.tail_seg;
-	while (first < r->nsegs - 1 && r->heads[r->segs[first]].pg.seg_seq < tail_claim)
+	/*
+	 * The tail: segments below the newest claim were given back (their
+	 * records are on the store). Segments are reused only after a durable
+	 * page claimed a tail past them, so every segment from the claim to the
+	 * newest is ours: one missing is damage, handled as a cut.
+	 */
+	for (i = 0; i < r->nsegs; i++)
+		if (r->heads[r->segs[i]].pg.tail_seg > tail)
+			tail = r->heads[r->segs[i]].pg.tail_seg;
+	rc = newest_tail_claim(r, &tail);
+	if (rc < 0)
+		return rc;
+	while (first < r->nsegs - 1 && r->heads[r->segs[first]].pg.seg_seq < tail)
 		first++;
 	memmove(r->segs, r->segs + first, (r->nsegs - first) * sizeof(r->segs[0]));
 	r->nsegs -= first;
+	if (tail == 0 || tail > r->heads[r->segs[0]].pg.seg_seq)
+		tail = r->heads[r->segs[0]].pg.seg_seq;
 
-	w->tail = r->heads[r->segs[0]].pg.seg_seq;
-	w->head = w->tail - 1;
-	r->expected = r->heads[r->segs[0]].pg.page_seq;
-	for (uint32_t i = 0; i < r->nsegs; i++) {
+	w->tail = tail;
+	w->head = r->heads[r->segs[r->nsegs - 1]].pg.seg_seq;
+	for (uint64_t sq = w->tail; sq <= w->head; sq++) {
+		struct wb_seg *s = wb_seg_of(v, sq);
+
+		memset(s, 0, sizeof(*s));
+		s->index = UINT32_MAX; /* missing (damaged): nothing to give back */
+		s->seq = sq;
+		s->used = FT_WLOG_SEG_BLOCKS; /* never appended to again */
+	}
+	want = tail;
+	for (i = 0; i < r->nsegs;) {
 		uint32_t index = r->segs[i];
 		const struct ft_wlog_page *h0 = &r->heads[index].pg;
 		struct wb_seg *s = wb_seg_of(v, h0->seg_seq);
 		struct ft_wlog_page pg;
 		uint32_t blk = 0;
 
-		memset(s, 0, sizeof(*s));
 		s->index = index;
-		s->seq = h0->seg_seq;
-		s->used = FT_WLOG_SEG_BLOCKS; /* never appended to again */
-		s->opened_ns = 0;	      /* replayed data is old: destage it soon */
-		w->head = s->seq;
-		if (skipping) {
-			/* After a cut: only a page written after a later recovery goes on. */
-			if (!(h0->reserved & PAGE_RESUME))
+		s->opened_ns = 0; /* replayed data is old: destage it soon */
+		if (h0->seg_seq != want) {
+			/* Segments [want, seg_seq) are missing: the stream breaks before them. */
+			rc = cut(r, started ? r->expected : h0->page_seq - 1, want,
+				 FT_WLOG_SEG_BLOCKS, i);
+			if (rc < 0)
+				return rc;
+			want = h0->seg_seq; /* the loop goes on at the resume segment, if any */
+			if ((uint32_t)rc != i) {
+				for (; i < (uint32_t)rc; i++)
+					wb_seg_of(v, r->heads[r->segs[i]].pg.seg_seq)->index =
+						r->segs[i];
+				want = i < r->nsegs ? r->heads[r->segs[i]].pg.seg_seq : want;
 				continue;
-			skipping = false;
-			r->expected = h0->page_seq;
-		} else if ((h0->reserved & PAGE_RESUME) && h0->page_seq > r->expected) {
-			r->expected = h0->page_seq; /* an earlier cut, accepted then */
+			}
 		}
+		if ((h0->reserved & PAGE_RESUME) && (!started || h0->page_seq > r->expected))
+			r->expected = h0->page_seq; /* after a cut, accepted by an earlier start */
+		else if (!started)
+			r->expected = h0->page_seq - (r->heads[index].damaged ? 1 : 0);
+		started = true;
+		want = h0->seg_seq + 1;
 		rc = read_seg(r, index);
 		if (rc < 0)
 			return rc;
@@ -219,21 +277,22 @@ static int replay_stream(struct replay *r)
 			r->expected++;
 			blk += 1 + pg.ndata;
 		}
+		i++;
 		/* The next segment normally starts with the next page. */
-		if (i + 1 < r->nsegs) {
-			const struct ft_wlog_page *n0 = &r->heads[r->segs[i + 1]].pg;
+		if (i < r->nsegs) {
+			const struct ft_wlog_page *n0 = &r->heads[r->segs[i]].pg;
 
-			if (n0->page_seq == r->expected || (n0->reserved & PAGE_RESUME))
-				continue;
+			if (n0->seg_seq != want || n0->page_seq == r->expected ||
+			    (n0->reserved & PAGE_RESUME))
+				continue; /* a gap is handled at the top */
 		}
-		/* A cut: the stream goes on at the next resume segment, if any. */
-		end_i = i + 1;
-		while (end_i < r->nsegs && !(r->heads[r->segs[end_i]].pg.reserved & PAGE_RESUME))
-			end_i++;
-		rc = fatal_check(r, s->seq, blk, i + 1, end_i);
+		rc = cut(r, r->expected, s->seq, blk, i);
 		if (rc < 0)
 			return rc;
-		skipping = i + 1 < r->nsegs;
+		for (; i < (uint32_t)rc; i++)
+			wb_seg_of(v, r->heads[r->segs[i]].pg.seg_seq)->index = r->segs[i];
+		if (i < r->nsegs)
+			want = r->heads[r->segs[i]].pg.seg_seq;
 	}
 	return 0;
 }
@@ -245,6 +304,7 @@ int wb_recover(struct ft_cache *c, const struct ft_cache_volent *old, uint32_t n
 	uint32_t *segs = calloc(c->nsegs ? c->nsegs : 1, sizeof(*segs));
 	char *buf = NULL;
 	uint64_t replayed = 0;
+	enum ft_wlog_page_state st;
 	int rc = 0;
 
 	if (!heads || !segs || posix_memalign((void **)&buf, BLK, FT_WLOG_SEG_BYTES) != 0) {
@@ -259,8 +319,29 @@ int wb_recover(struct ft_cache *c, const struct ft_cache_volent *old, uint32_t n
 			rc = n < 0 ? -errno : -EIO;
 			goto out;
 		}
-		heads[i].valid =
-			ft_wlog_page_open(&heads[i].pg, c->dev->uuid) == FT_WLOG_PAGE_VALID;
+		st = ft_wlog_page_open(&heads[i].pg, c->dev->uuid);
+		heads[i].valid = st == FT_WLOG_PAGE_VALID;
+		if (st == FT_WLOG_PAGE_CORRUPT) {
+			/*
+			 * Our magic, bad CRC: torn, or damaged. A later page of the
+			 * segment says whose it was, so the replay can tell whether a
+			 * flush covered what is lost.
+			 */
+			struct replay probe = { .c = c, .buf = buf };
+			struct ft_wlog_page pg;
+
+			rc = read_seg(&probe, i);
+			if (rc < 0)
+				goto out;
+			for (uint32_t b = 1; b < FT_WLOG_SEG_BLOCKS && !heads[i].valid; b++) {
+				memcpy(&pg, buf + (size_t)b * BLK, BLK);
+				if (ft_wlog_page_open(&pg, c->dev->uuid) == FT_WLOG_PAGE_VALID) {
+					heads[i].pg = pg;
+					heads[i].pg.reserved &= ~PAGE_RESUME;
+					heads[i].valid = heads[i].damaged = true;
+				}
+			}
+		}
 	}
 	for (uint32_t k = 0; k < nold && rc == 0; k++) {
 		struct replay r = { .c = c,
@@ -330,7 +411,8 @@ int wb_recover(struct ft_cache *c, const struct ft_cache_volent *old, uint32_t n
 		v->wb.durable_seq = r.last_valid; /* the start fdatasyncs the device */
 		v->wb.resume = true;
 		for (uint64_t s = v->wb.tail; s <= v->wb.head; s++)
-			c->seg_used[wb_seg_of(v, s)->index] = 1;
+			if (wb_seg_of(v, s)->index != UINT32_MAX)
+				c->seg_used[wb_seg_of(v, s)->index] = 1;
 		replayed += v->wb.dirty_blocks;
 		if (v->wb.dirty_blocks || v->wb.ranges) {
 			v->wb.on = true;

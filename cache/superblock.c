@@ -126,7 +126,8 @@ enum ft_cache_sb_state ft_cache_sb_decode(const struct ft_cache_sb *sb, struct f
 		return FT_SB_OLDER;
 	if (le32toh(sb->crc) != ft_crc32c(0, sb, offsetof(struct ft_cache_sb, crc)))
 		return FT_SB_CORRUPT;
-	if (le32toh(sb->version) != FT_CACHE_VERSION || le32toh(sb->sb_bytes) != FT_CACHE_SB_BYTES ||
+	if (le32toh(sb->version) != FT_CACHE_VERSION ||
+	    le32toh(sb->sb_bytes) != FT_CACHE_SB_BYTES ||
 	    le32toh(sb->block_bytes) != FT_CACHE_BLOCK ||
 	    le32toh(sb->meta_record_bytes) != FT_CACHE_META_BYTES ||
 	    le32toh(sb->nvolumes) > FT_CACHE_MAX_VOLUMES)
@@ -270,7 +271,7 @@ static int format(struct ft_cachedev *dev)
 	for (uint64_t off = 0; off < dev->geo.meta_bytes; off += 1u << 20) {
 		static const char zero[1u << 20];
 		uint64_t n = dev->geo.meta_bytes - off < sizeof(zero) ? dev->geo.meta_bytes - off
-								     : sizeof(zero);
+								      : sizeof(zero);
 
 		rc = pwrite_all(dev->fd, zero, n, (off_t)(dev->geo.meta_offset + off));
 		if (rc < 0)
@@ -322,8 +323,8 @@ int ft_cachedev_open(const char *path, uint64_t size, uint64_t log_bytes, uint32
 	}
 	if (rc < 0) {
 		snprintf(err, err_len, "%s: %s", path,
-			 rc == -ENOSPC ? "too small for a cache with that log (at least 2 MiB, and "
-					 "room for 16 blocks besides the log)"
+			 rc == -ENOSPC ? "too small for a cache with that write-back log (at least "
+					 "2 MiB, and room for 16 blocks besides cache.log_size)"
 				       : strerror(-rc));
 		goto fail;
 	}
@@ -350,10 +351,11 @@ int ft_cachedev_open(const char *path, uint64_t size, uint64_t log_bytes, uint32
 	if (best >= 0) {
 		if (g[best].device_bytes == bytes && fmt_bytes != bytes) {
 			rc = -EINVAL;
-			snprintf(err, err_len,
-				 "%s: the cache file is %llu bytes and the configuration asks for %llu; "
-				 "set reformat to start a new cache of that size (nothing was changed)",
-				 path, (unsigned long long)bytes, (unsigned long long)fmt_bytes);
+			snprintf(
+				err, err_len,
+				"%s: the cache file is %llu bytes and the configuration asks for %llu; "
+				"set reformat to start a new cache of that size (nothing was changed)",
+				path, (unsigned long long)bytes, (unsigned long long)fmt_bytes);
 			goto fail;
 		}
 		if (g[best].device_bytes != bytes) {
@@ -403,10 +405,11 @@ int ft_cachedev_open(const char *path, uint64_t size, uint64_t log_bytes, uint32
 	}
 	if (st[0] == FT_SB_NEWER || st[1] == FT_SB_NEWER) {
 		rc = -EPROTONOSUPPORT;
-		snprintf(err, err_len,
-			 "%s: formatted by a newer flashtier (format version %u; this build knows %u); "
-			 "nothing was changed",
-			 path, le32toh(sb[st[0] == FT_SB_NEWER ? 0 : 1].version), FT_CACHE_VERSION);
+		snprintf(
+			err, err_len,
+			"%s: formatted by a newer flashtier (format version %u; this build knows %u); "
+			"nothing was changed",
+			path, le32toh(sb[st[0] == FT_SB_NEWER ? 0 : 1].version), FT_CACHE_VERSION);
 		goto fail;
 	}
 	if (st[0] == FT_SB_CORRUPT || st[1] == FT_SB_CORRUPT) {

@@ -121,6 +121,8 @@ uint32_t wb_seg_alloc(struct ft_cache *c)
 
 void wb_seg_release(struct ft_cache *c, uint32_t index)
 {
+	if (index == UINT32_MAX)
+		return; /* a segment recovery found missing */
 	pthread_mutex_lock(&c->seg_lock);
 	if (c->seg_used[index]) {
 		c->seg_used[index] = 0;
@@ -132,6 +134,15 @@ void wb_seg_release(struct ft_cache *c, uint32_t index)
 struct wb_seg *wb_seg_of(struct cache_vol *v, uint64_t seq)
 {
 	return &v->wb.ring[seq % v->wb.ring_cap];
+}
+
+uint64_t wb_dirty_bytes(const struct cache_vol *v)
+{
+	uint64_t n = v->wb.dirty_blocks;
+
+	for (const struct wb_range *r = v->wb.ranges; r; r = r->next)
+		n += r->b1 - r->b0;
+	return n * BLK;
 }
 
 uint64_t wb_log_used(const struct cache_vol *v)
@@ -149,6 +160,7 @@ int wb_vol_init(struct cache_vol *v, uint32_t ring_cap)
 
 	w->ring_cap = ring_cap ? ring_cap : 1;
 	w->ring = calloc(w->ring_cap, sizeof(*w->ring));
+	w->limbo = calloc(w->ring_cap, sizeof(*w->limbo));
 	w->tail = 1;
 	w->head = 0;
 	w->next_page_seq = 1;
@@ -157,7 +169,7 @@ int wb_vol_init(struct cache_vol *v, uint32_t ring_cap)
 	w->pages_tail = &w->pages;
 	w->ranges_tail = &w->ranges;
 	w->build.fn = build_fn;
-	if (!w->ring)
+	if (!w->ring || !w->limbo)
 		return -ENOMEM;
 	return wb_map_init(&w->map, 1024);
 }
@@ -175,6 +187,7 @@ void wb_vol_free(struct cache_vol *v)
 		free(r);
 	}
 	free(w->ring);
+	free(w->limbo);
 	free(w->map.t);
 	w->ring = NULL;
 	w->map.t = NULL;
@@ -224,6 +237,7 @@ void wb_apply(struct cache_vol *v, uint64_t block, uint64_t seq, uint32_t loc, u
 	}
 	e->seq = seq;
 	e->loc = loc;
+	e->t = w->apply_t;
 	e->ring = (uint32_t)(seg_seq % w->ring_cap);
 	s->live++;
 	seg_note_block(s, block);
@@ -383,6 +397,7 @@ static void page_end_io(struct ft_bio *bio, int error)
 	}
 	if (w->cut_seq && pio->page_seq >= w->cut_seq && pio->page_seq < w->cut_end)
 		error = error ? error : -EIO;
+	w->apply_t = wb_ticks(v->cache, ft_now_ns()) | 1; /* never 0: that means replayed */
 	for (uint32_t i = 0; i < pio->n; i++) {
 		struct wb_pent *e = &pio->ents[i];
 		struct cache_op *op = e->op;
@@ -400,6 +415,12 @@ static void page_end_io(struct ft_bio *bio, int error)
 		if ((i + 1 == pio->n || pio->ents[i + 1].op != op) && --op->pages == 0 &&
 		    op->unit == op->nunits)
 			op_logged(op);
+	}
+	if (w->limbo_page && pio->page_seq == w->limbo_page) {
+		if (error)
+			w->limbo_page = 0; /* the next page (the stream resumes) carries the tail */
+		else
+			part_wait_round(p, &w->limbo_wait);
 	}
 	/* Pages complete out of order: completed_seq only moves over a done prefix. */
 	pio->done = true;
@@ -515,6 +536,8 @@ static bool build_page(struct cache_vol *v, bool marker)
 		w->cut_end = pg->page_seq;
 	w->resume = false;
 	w->marked_durable = w->durable_seq;
+	if (w->nlimbo && !w->limbo_page)
+		w->limbo_page = pg->page_seq;
 	for (uint32_t i = 0, d = 0; i < n; i++) {
 		struct wb_pent *e = &ents[i];
 		struct ft_wlog_rec *r = &pg->recs[i];
@@ -587,8 +610,8 @@ void wb_write_marker(struct cache_vol *v)
 {
 	struct wb_vol *w = &v->wb;
 
-	if (w->on && !w->batch && !w->pages && !w->voiding && w->durable_seq > w->marked_durable &&
-	    w->head >= w->tail)
+	if (w->on && !w->batch && !w->pages && !w->voiding && w->head >= w->tail &&
+	    (w->durable_seq > w->marked_durable || (w->nlimbo && !w->limbo_page)))
 		build_page(v, true);
 }
 
