@@ -374,7 +374,8 @@ static struct cache_vol *restorable(struct ft_cache *c, uint64_t g, ft_cache_key
 	    ft_cachedir_find(p->dir, key) != FT_CACHEDIR_NONE)
 		return NULL;
 	/* The log holds newer data of the block: its clean record is stale (W4). */
-	if (v->wb.map.t && wb_map_find(&v->wb.map, FT_CACHE_KEY_BLOCK(key)))
+	if (v->wb.map.t && (wb_map_find(&v->wb.map, FT_CACHE_KEY_BLOCK(key)) ||
+			    wb_range_of(v, FT_CACHE_KEY_BLOCK(key))))
 		return NULL;
 	return v;
 }

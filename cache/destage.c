@@ -40,6 +40,7 @@ struct destage_io {
 static void pump(struct cache_vol *v);
 static void void_stream(struct cache_vol *v);
 static void update_age(struct cache_vol *v, uint64_t now);
+static void pump_some(struct cache_vol *v, uint64_t now, uint64_t aged_before);
 
 static bool in_flight(const struct cache_vol *v, uint64_t b)
 {
@@ -213,6 +214,10 @@ static bool destage_one(struct cache_vol *v, struct wb_seg *s, uint32_t young)
 			return false; /* an older record of it is on its way: this one after it */
 		if (e && e->ring == ring && e->t >= young)
 			return false; /* too young to go for its age alone */
+		if (e && e->ring == ring && e->seq > w->durable_rec) {
+			w->need_durable = true; /* W6: after the next flushed round */
+			return false;
+		}
 		if (e && e->ring == ring)
 			break;
 		s->cursor++;
@@ -233,7 +238,7 @@ static bool destage_one(struct cache_vol *v, struct wb_seg *s, uint32_t young)
 		struct wb_ent *f = wb_map_find(&w->map, b0 + n);
 		uint8_t ft;
 
-		if (!f || f->ring != ring || in_flight(v, b0 + n) ||
+		if (!f || f->ring != ring || in_flight(v, b0 + n) || f->seq > w->durable_rec ||
 		    (w->ranges && wb_range_of(v, b0 + n)))
 			break;
 		ft = f->loc == WB_LOC_ZERO   ? FT_WLOG_ZERO
@@ -294,6 +299,10 @@ static void destage_range(struct cache_vol *v)
 	for (struct destage_io *x = w->destages; x; x = x->next)
 		if (x->b0 < r->b1 && r->b0 < x->b0 + x->n)
 			return; /* an older block's write is still on its way */
+	if (r->seq > w->durable_rec) {
+		w->need_durable = true;
+		return;
+	}
 	d = calloc(1, sizeof(*d));
 	if (!d)
 		return;
@@ -320,6 +329,16 @@ static void destage_range(struct cache_vol *v)
 	ft_bio_submit(v->inner, &d->wr);
 }
 
+static void durable_done(struct cache_waiter *wt, int error)
+{
+	struct cache_vol *v =
+		(struct cache_vol *)((char *)wt - offsetof(struct cache_vol, wb.durable_wait));
+
+	(void)error;
+	v->wb.durable_waiting = false;
+	pump(v);
+}
+
 static void pump(struct cache_vol *v)
 {
 	struct wb_vol *w = &v->wb;
@@ -328,7 +347,6 @@ static void pump(struct cache_vol *v)
 	uint64_t aged_before = now > pol->dirty_max_age_ms * 1000000ull
 				       ? now - pol->dirty_max_age_ms * 1000000ull
 				       : 0;
-	bool any;
 
 	if (!w->on || !v->part->reactor)
 		return;
@@ -357,6 +375,23 @@ static void pump(struct cache_vol *v)
 			w->tokens = cap; /* at most a second's worth in one burst */
 		w->tokens_ns = now;
 	}
+	w->need_durable = false;
+	pump_some(v, now, aged_before);
+	if (w->need_durable && !w->durable_waiting) {
+		/* Records wait to be durable before they go: ask for a flushed round. */
+		w->durable_waiting = true;
+		w->durable_wait.fn = durable_done;
+		part_wait_round(v->part, &w->durable_wait);
+	}
+}
+
+static void pump_some(struct cache_vol *v, uint64_t now, uint64_t aged_before)
+{
+	struct wb_vol *w = &v->wb;
+	const struct ft_volume_policy *pol = &v->policy;
+	bool any;
+
+	(void)now;
 	if (w->ranges && !w->ranges->inflight && w->destage_inflight < DESTAGE_DEPTH)
 		destage_range(v);
 	do {

@@ -207,6 +207,10 @@ struct cache_op {
  *     invalidations durable since: so replaying a stream from any segment
  *     still on disk never brings back data older than what the store, or
  *     the read cache, holds;
+ *  W6 a record is written back only once it is durable in the log and the
+ *     clean-cache invalidation its write made is durable too: otherwise a
+ *     power cut could leave the store newer than both the log (which lost
+ *     the record) and a clean record still vouching for the old data;
  *  W5 a page is written with the volume's current epoch; an epoch is
  *     bumped (voiding every older record) only when the volume has no
  *     dirty data, after steps (b) and (c), and no page is written while
@@ -268,6 +272,15 @@ struct wb_vol {
 	uint64_t next_page_seq, next_rec_seq;
 	uint64_t completed_seq; /* every page up to it has completed */
 	uint64_t durable_seq, flush_snap;
+	/*
+	 * Records up to durable_rec are on stable storage together with the
+	 * clean-cache invalidations their writes made: only those may be
+	 * written back (W6). completed_rec: every page holding a record up to it
+	 * has completed.
+	 */
+	uint64_t completed_rec, flush_snap_rec, durable_rec;
+	bool durable_waiting, need_durable;
+	struct cache_waiter durable_wait;
 	uint64_t reclaim_upto;
 	uint64_t cut_seq, cut_end; /* pages in [cut_seq, cut_end) failed or follow a failed one */
 	uint64_t marked_durable;   /* durable_seq carried by the last page written */
@@ -406,8 +419,12 @@ void wb_read(struct cache_vol *v, struct ft_bio *bio);
 bool wb_any_dirty(const struct cache_vol *v, uint64_t b0, uint64_t b1);
 void wb_write(struct cache_op *op);
 void wb_flush(struct cache_vol *v, struct ft_bio *bio);
-/* Device flush hooks from the record rounds (meta.c). */
-void wb_part_flush_sent(struct cache_part *p);
+/*
+ * Record-round hooks (meta.c): a round snapshots what has completed when it
+ * starts (its record pages are encoded then, so they carry every clean-cache
+ * invalidation those writes made); once it has flushed, that is durable.
+ */
+void wb_part_round_started(struct cache_part *p);
 void wb_part_flush_done(struct cache_part *p);
 
 /* ---- destage.c ---- */

@@ -150,7 +150,6 @@ static void round_io_done(struct cache_part *p, int error)
 		/* Page writes are done: one flush makes them durable for every waiter. */
 		p->round_flushing = true;
 		p->round_pending = 1;
-		wb_part_flush_sent(p);
 		ft_bio_submit(p->dev, &p->flush_bio);
 		return;
 	}
@@ -190,6 +189,7 @@ static void round_start(struct cache_part *p)
 		return;
 	p->round_active = true;
 	p->rounds_started++;
+	wb_part_round_started(p);
 	p->round_error = 0;
 	p->round_flushing = false;
 	/* Keys unmapped before this snapshot are covered by it once it is flushed. */

@@ -409,6 +409,7 @@ int wb_recover(struct ft_cache *c, const struct ft_cache_volent *old, uint32_t n
 		v->wb.next_page_seq = r.max_seen + 1;
 		v->wb.completed_seq = r.max_seen;
 		v->wb.durable_seq = r.last_valid; /* the start fdatasyncs the device */
+		v->wb.completed_rec = v->wb.durable_rec = v->wb.next_rec_seq - 1;
 		v->wb.resume = true;
 		for (uint64_t s = v->wb.tail; s <= v->wb.head; s++)
 			if (wb_seg_of(v, s)->index != UINT32_MAX)

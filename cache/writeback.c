@@ -344,6 +344,7 @@ struct wb_page_io {
 	struct cache_vol *v;
 	struct wb_page_io *next;
 	uint64_t page_seq, seg_seq;
+	uint64_t last_rec; /* the largest record seq in it (0: none) */
 	bool done;
 	uint32_t n;
 	struct wb_pent ents[];
@@ -431,8 +432,11 @@ static void page_end_io(struct ft_bio *bio, int error)
 		if (!w->pages)
 			w->pages_tail = &w->pages;
 		/* Never past a failed page: no flush may claim it (recovery.c). */
-		if (!(w->cut_seq && d->page_seq >= w->cut_seq && d->page_seq < w->cut_end))
+		if (!(w->cut_seq && d->page_seq >= w->cut_seq && d->page_seq < w->cut_end)) {
 			w->completed_seq = d->page_seq;
+			if (d->last_rec > w->completed_rec)
+				w->completed_rec = d->last_rec;
+		}
 		free(d->bio.buf);
 		free(d);
 	}
@@ -529,6 +533,7 @@ static bool build_page(struct cache_vol *v, bool marker)
 	pg->seg_seq = h->seq;
 	pg->page_seq = w->next_page_seq++;
 	pio->page_seq = pg->page_seq;
+	pio->last_rec = 0;
 	pg->durable_seq = w->durable_seq;
 	pg->tail_seg = w->tail;
 	pg->reserved = w->resume ? 1 : 0; /* first page after a recovery or a hole (recovery.c) */
@@ -543,6 +548,7 @@ static bool build_page(struct cache_vol *v, bool marker)
 		struct ft_wlog_rec *r = &pg->recs[i];
 
 		e->seq = w->next_rec_seq++;
+		pio->last_rec = e->seq;
 		r->offset = e->block * BLK;
 		r->length = (uint32_t)(e->nblocks * BLK);
 		r->seq = e->seq;
@@ -826,10 +832,14 @@ void wb_flush(struct cache_vol *v, struct ft_bio *bio)
 	part_wait_round(v->part, &f->w);
 }
 
-void wb_part_flush_sent(struct cache_part *p)
+void wb_part_round_started(struct cache_part *p)
 {
-	for (size_t i = 0; i < p->nvols; i++)
-		p->vols[i]->wb.flush_snap = p->vols[i]->wb.completed_seq;
+	for (size_t i = 0; i < p->nvols; i++) {
+		struct wb_vol *w = &p->vols[i]->wb;
+
+		w->flush_snap = w->completed_seq;
+		w->flush_snap_rec = w->completed_rec;
+	}
 }
 
 void wb_part_flush_done(struct cache_part *p)
@@ -839,6 +849,8 @@ void wb_part_flush_done(struct cache_part *p)
 
 		if (w->flush_snap > w->durable_seq)
 			w->durable_seq = w->flush_snap;
+		if (w->flush_snap_rec > w->durable_rec)
+			w->durable_rec = w->flush_snap_rec;
 	}
 }
 
