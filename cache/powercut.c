@@ -38,10 +38,7 @@
  *   powercut: 57 device writes, 20 flushes; tore write 57 (50749440+4096):
  *   3 of 8 sectors
  *
- * The cache file's path is read from the first members of the file
- * backend's private struct (struct file_backend in agent/backend/file.c:
- * b, path, fd), checked against its descriptor (same inode) before use:
- * keep pc_file_backend_head in step with it, or give backend.h an accessor.
+ * The cache file's path comes from ft_backend_file_path().
  *
  * Counting: WRITE and WRITE_ZEROES are device writes (counted from 1 across
  * all reactors); FLUSH is a flush; TRIM is advisory and a no-op here (the
@@ -98,17 +95,6 @@ struct pc_handle {
 	struct ft_backend *inner;
 	struct ft_deferred deliver;
 	struct ft_bio *done_head, **done_tail; /* owning reactor's thread only */
-};
-
-/*
- * The first members of the file backend's private struct (agent/backend/
- * file.c). Used only to learn the cache file's path, and checked against
- * the descriptor next to it (same inode) before it is trusted.
- */
-struct pc_file_backend_head {
-	struct ft_backend b;
-	char *path;
-	int fd;
 };
 
 static void parse_env(void)
@@ -404,37 +390,30 @@ static const struct ft_backend_ops pc_ops = {
 	.close = pc_close,
 };
 
-/* Lock held. Open our descriptor of @inner's file (first wrap), or check it is
- * the same. */
+/* Lock held. Open our descriptor of @inner's file (first wrap), or check it is the same. */
 static int open_file(struct ft_backend *inner)
 {
-	const struct pc_file_backend_head *fh = (const struct pc_file_backend_head *)inner;
-	struct stat a, bst;
+	const char *path = ft_backend_file_path(inner);
+	struct stat a;
 	int fd;
 
-	if (inner->ops != &ft_backend_file_ops || !fh->path || fh->fd < 0 ||
-	    fstat(fh->fd, &a) < 0) {
+	if (!path || stat(path, &a) < 0) {
 		ft_err("powercut: the cache device is not a file backend");
 		return -EINVAL;
 	}
 	if (pc.fd >= 0) {
 		if (a.st_dev != pc.st_dev || a.st_ino != pc.st_ino) {
-			ft_err("powercut: %s is not the cache file wrapped before", fh->path);
+			ft_err("powercut: %s is not the cache file wrapped before", path);
 			return -EINVAL;
 		}
 		return 0;
 	}
-	fd = open(fh->path, O_RDWR | O_CLOEXEC);
+	fd = open(path, O_RDWR | O_CLOEXEC);
 	if (fd < 0) {
 		int rc = -errno;
 
-		ft_err("powercut: %s: %s", fh->path, strerror(-rc));
+		ft_err("powercut: %s: %s", path, strerror(-rc));
 		return rc;
-	}
-	if (fstat(fd, &bst) < 0 || bst.st_dev != a.st_dev || bst.st_ino != a.st_ino) {
-		close(fd);
-		ft_err("powercut: %s is not the file the cache device has open", fh->path);
-		return -EINVAL;
 	}
 	pc.fd = fd;
 	pc.st_dev = a.st_dev;

@@ -40,11 +40,11 @@ struct file_backend {
 	struct ft_backend b;
 	char *path;
 	int fd;
-	int dfd;            /* O_DIRECT descriptor, or -1 */
+	int dfd;	    /* O_DIRECT descriptor, or -1 */
 	uint32_t dio_align; /* offset, length and memory alignment for dfd */
 	bool is_blk;
 	bool mem_backed;    /* tmpfs/ramfs: READ, WRITE and FLUSH run inline */
-	bool no_punch;      /* PUNCH_HOLE known to be unsupported */
+	bool no_punch;	    /* PUNCH_HOLE known to be unsupported */
 	bool no_zero_range; /* ZERO_RANGE known to be unsupported */
 };
 
@@ -189,7 +189,8 @@ static void file_simple_done(struct ft_completion *c, int res, uint32_t flags)
 	bio->end_io(bio, res < 0 ? res : 0);
 }
 
-static void file_fsync(struct file_backend *fb, struct ft_bio *bio, void (*fn)(struct ft_completion *, int, uint32_t))
+static void file_fsync(struct file_backend *fb, struct ft_bio *bio,
+		       void (*fn)(struct ft_completion *, int, uint32_t))
 {
 	struct io_uring_sqe *sqe;
 
@@ -462,9 +463,9 @@ int ft_backend_file_open(const char *path, bool readonly, struct ft_backend **ou
 		fb->b.caps |= FT_BACKEND_READ_ONLY;
 	ft_info("%s: %s, %llu bytes, %s", path, fb->is_blk ? "block device" : "file",
 		(unsigned long long)fb->b.size,
-		fb->mem_backed	? "memory-backed (inline I/O)"
-		: fb->dfd >= 0	? "O_DIRECT for aligned requests"
-				: "buffered I/O");
+		fb->mem_backed ? "memory-backed (inline I/O)"
+		: fb->dfd >= 0 ? "O_DIRECT for aligned requests"
+			       : "buffered I/O");
 	*out = &fb->b;
 	return 0;
 fail:
@@ -473,4 +474,9 @@ fail:
 	free(fb->path);
 	free(fb);
 	return rc;
+}
+
+const char *ft_backend_file_path(const struct ft_backend *b)
+{
+	return b && b->ops == &ft_backend_file_ops ? ((const struct file_backend *)b)->path : NULL;
 }

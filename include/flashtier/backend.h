@@ -99,6 +99,9 @@ extern const struct ft_backend_ops ft_backend_nbd_ops;
 int ft_backend_file_open(const char *path, bool readonly, struct ft_backend **out);
 int ft_backend_nbd_open(const char *uri, bool readonly, struct ft_backend **out);
 
+/* The path a file backend opened, or NULL if @b is not one. Any thread. */
+const char *ft_backend_file_path(const struct ft_backend *b);
+
 static inline void ft_bio_submit(struct ft_backend *b, struct ft_bio *bio)
 {
 	bio->backend = b;
