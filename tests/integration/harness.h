@@ -74,6 +74,35 @@ static inline void th_mkdtemp(char *out, size_t len)
 	cr_assert_not_null(mkdtemp(out), "mkdtemp: %s", strerror(errno));
 }
 
+/* Read @len bytes at @off of the file @path (a backing store at rest). */
+static inline void th_file_read(const char *path, uint64_t off, void *buf, size_t len)
+{
+	int fd = open(path, O_RDONLY);
+
+	cr_assert_geq(fd, 0, "open %s: %s", path, strerror(errno));
+	cr_assert_eq(pread(fd, buf, len, (off_t)off), (ssize_t)len, "read %s", path);
+	close(fd);
+}
+
+/* The whole file @path, malloc'd, NUL-terminated; its size in *@len if @len. */
+static inline char *th_slurp(const char *path, size_t *len)
+{
+	struct stat st;
+	char *buf;
+	int fd = open(path, O_RDONLY);
+
+	cr_assert_geq(fd, 0, "open %s: %s", path, strerror(errno));
+	cr_assert_eq(fstat(fd, &st), 0);
+	buf = malloc((size_t)st.st_size + 1);
+	cr_assert_not_null(buf);
+	cr_assert_eq(pread(fd, buf, (size_t)st.st_size, 0), st.st_size, "read %s", path);
+	buf[st.st_size] = '\0';
+	close(fd);
+	if (len)
+		*len = (size_t)st.st_size;
+	return buf;
+}
+
 /* Create a file of @size bytes (sparse) at @dir/@name; returns its path in @out. */
 static inline void th_make_file(const char *dir, const char *name, long long size, char *out,
 				size_t len)

@@ -94,35 +94,6 @@ static void make_backing(const char *name, uint64_t size, char *out, size_t len)
 	make_backing_seed(name, size, SEED_BACKING, out, len);
 }
 
-/* Read @len bytes at @off of the file @path (a backing store at rest). */
-static void file_read(const char *path, uint64_t off, void *buf, size_t len)
-{
-	int fd = open(path, O_RDONLY);
-
-	cr_assert_geq(fd, 0, "open %s: %s", path, strerror(errno));
-	cr_assert_eq(pread(fd, buf, len, (off_t)off), (ssize_t)len, "read %s", path);
-	close(fd);
-}
-
-/* The whole file @path, malloc'd, NUL-terminated; its size in *@len if @len. */
-static char *slurp(const char *path, size_t *len)
-{
-	struct stat st;
-	char *buf;
-	int fd = open(path, O_RDONLY);
-
-	cr_assert_geq(fd, 0, "open %s: %s", path, strerror(errno));
-	cr_assert_eq(fstat(fd, &st), 0);
-	buf = malloc((size_t)st.st_size + 1);
-	cr_assert_not_null(buf);
-	cr_assert_eq(pread(fd, buf, (size_t)st.st_size, 0), st.st_size, "read %s", path);
-	buf[st.st_size] = '\0';
-	close(fd);
-	if (len)
-		*len = (size_t)st.st_size;
-	return buf;
-}
-
 static long file_size(const char *path)
 {
 	struct stat st;
@@ -144,7 +115,7 @@ static void write_text(const char *path, const char *text)
 static char *log_since(long from)
 {
 	size_t len;
-	char *all = slurp(agent.log, &len), *out;
+	char *all = th_slurp(agent.log, &len), *out;
 
 	if ((size_t)from > len)
 		from = (long)len;
@@ -380,7 +351,7 @@ static void read_expect_file(struct nbd_handle *h, const char *backing, uint64_t
 	cr_assert(buf && want);
 	cr_assert_eq(nbd_pread(h, buf, len, off, 0), 0, "%s: read %zu at %llu: %s", what, len,
 		     (unsigned long long)off, nbd_get_error());
-	file_read(backing, off, want, len);
+	th_file_read(backing, off, want, len);
 	cr_assert(memcmp(buf, want, len) == 0,
 		  "%s: read at %llu (+%zu) does not return what the backing store holds "
 		  "(stale cached data?)",
@@ -420,7 +391,7 @@ static void logged_backing(const char *backing, char *uri, size_t len)
 /* READ requests the backing store has received so far (the log filter's "Read" lines). */
 static unsigned backing_reads(void)
 {
-	char *log = slurp(kit_log, NULL);
+	char *log = th_slurp(kit_log, NULL);
 	unsigned n = 0;
 
 	for (const char *p = log; (p = strstr(p, " Read id=")); p++)
@@ -647,7 +618,7 @@ Test(cache, no_stale_data_after_kill9, .timeout = 60)
 			for (int v = 0; v < 2; v++) {
 				char got[BLK], want[BLK];
 
-				file_read(backing[v], b[v] * BLK, got, BLK);
+				th_file_read(backing[v], b[v] * BLK, got, BLK);
 				th_fill(want, BLK, b[v] * BLK, 1000u + (unsigned)it);
 				cr_assert(memcmp(got, want, BLK) == 0, "%s: the %s is not in the store",
 					  vol[v], stale_op_name[op]);
@@ -831,7 +802,7 @@ static void run_once(const char *cfg, struct run *r)
 	}
 	run_pid = 0;
 	r->status = status;
-	r->err = slurp(err_path, NULL);
+	r->err = th_slurp(err_path, NULL);
 }
 
 /* Expect @cfg to be refused: non-zero exit, each of @expect in the output, no socket. */
@@ -865,7 +836,7 @@ static void write_cfg(const char *path, const char *cache, const char *backing)
 static void assert_same_file(const char *path, const char *before, size_t len, const char *why)
 {
 	size_t now_len;
-	char *now = slurp(path, &now_len);
+	char *now = th_slurp(path, &now_len);
 
 	cr_assert_eq(now_len, len, "%s: %s changed size from %zu to %zu", why, path, len, now_len);
 	cr_assert(memcmp(now, before, len) == 0, "%s: %s was modified", why, path);
@@ -893,7 +864,7 @@ Test(cache, foreign_newer_and_small_devices_are_refused)
 		cr_assert_eq(pwrite(fd, rnd, sizeof(rnd), 0), (ssize_t)sizeof(rnd));
 		close(fd);
 	}
-	before = slurp(cache_path, &len);
+	before = th_slurp(cache_path, &len);
 	{
 		const char *expect[] = { cache_path, "not a flashtier cache", "reformat", NULL };
 
@@ -921,7 +892,7 @@ Test(cache, foreign_newer_and_small_devices_are_refused)
 	wait_cm(FILLS, "disk", 16, 5000);
 	agent_stop_clean();
 	{
-		char *sb = slurp(cache_path, &len);
+		char *sb = th_slurp(cache_path, &len);
 
 		cr_assert_eq(len, 16 * MiB);
 		cr_assert(memcmp(sb, FT_CACHE_MAGIC, 8) == 0, "no flashtier superblock after reformat");
@@ -946,7 +917,7 @@ Test(cache, foreign_newer_and_small_devices_are_refused)
 		cr_assert_eq(pwrite(fd, &v, 4, off), 4);
 	}
 	close(fd);
-	before = slurp(cache_path, &len);
+	before = th_slurp(cache_path, &len);
 	{
 		const char *expect[] = { cache_path, "newer", NULL };
 
@@ -1000,7 +971,7 @@ Test(cache, foreign_device_is_not_resized)
 	cr_assert_geq(fd, 0);
 	cr_assert_eq(pwrite(fd, rnd, sizeof(rnd), 0), (ssize_t)sizeof(rnd));
 	close(fd);
-	before = slurp(cache_path, &len);
+	before = th_slurp(cache_path, &len);
 	expect[0] = cache_path;
 	th_fmt(cache, sizeof(cache), "\"path\": \"%s\", \"size\": \"16M\"", cache_path);
 	write_cfg(cfg, cache, backing);

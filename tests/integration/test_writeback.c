@@ -164,34 +164,6 @@ static void make_store(const char *name, uint64_t size, uint32_t seed, char *out
 	free(buf);
 }
 
-static void file_read(const char *path, uint64_t off, void *buf, size_t len)
-{
-	int fd = open(path, O_RDONLY);
-
-	cr_assert_geq(fd, 0, "open %s: %s", path, strerror(errno));
-	cr_assert_eq(pread(fd, buf, len, (off_t)off), (ssize_t)len, "read %s", path);
-	close(fd);
-}
-
-/* The whole file @path, malloc'd, NUL-terminated; its size in *@len if @len. */
-static char *slurp(const char *path, size_t *len)
-{
-	struct stat st;
-	char *buf;
-	int fd = open(path, O_RDONLY);
-
-	cr_assert_geq(fd, 0, "open %s: %s", path, strerror(errno));
-	cr_assert_eq(fstat(fd, &st), 0);
-	buf = malloc((size_t)st.st_size + 1);
-	cr_assert_not_null(buf);
-	cr_assert_eq(pread(fd, buf, (size_t)st.st_size, 0), st.st_size, "read %s", path);
-	buf[st.st_size] = '\0';
-	close(fd);
-	if (len)
-		*len = (size_t)st.st_size;
-	return buf;
-}
-
 static void write_text(const char *path, const char *text)
 {
 	FILE *f = fopen(path, "w");
@@ -222,7 +194,7 @@ static long log_mark(void)
 static char *log_since(long from)
 {
 	size_t len;
-	char *all = slurp(agent.log, &len), *out;
+	char *all = th_slurp(agent.log, &len), *out;
 
 	if ((size_t)from > len)
 		from = (long)len;
@@ -491,7 +463,7 @@ static void mcheck_store(const char *path, const struct model *md, uint64_t off,
 	long d;
 
 	cr_assert_not_null(buf);
-	file_read(path, off, buf, len);
+	th_file_read(path, off, buf, len);
 	d = model_diff(md, off, buf, len);
 	cr_assert_eq(d, -1,
 		     "%s: the store %s holds wrong data at byte %llu (block %llu): got %02x, "
@@ -509,7 +481,7 @@ static bool store_has_seed(const char *path, uint64_t off, size_t len, uint32_t 
 	bool same;
 
 	cr_assert(buf && want);
-	file_read(path, off, buf, len);
+	th_file_read(path, off, buf, len);
 	th_fill(want, len, off, seed);
 	same = memcmp(buf, want, len) == 0;
 	free(buf);
@@ -1441,7 +1413,7 @@ static void run_once(const char *cfg, struct run *r, const char *why)
 	}
 	run_pid = 0;
 	r->status = status;
-	r->err = slurp(err_path, NULL);
+	r->err = th_slurp(err_path, NULL);
 }
 
 /*
@@ -1499,7 +1471,7 @@ static unsigned volume_id_from_log(const char *vol)
 static void assert_same_past_sb(const char *path, const char *before, size_t len, const char *why)
 {
 	size_t now_len;
-	char *now = slurp(path, &now_len);
+	char *now = th_slurp(path, &now_len);
 	long d = -1;
 
 	cr_assert_eq(now_len, len, "%s: %s changed size", why, path);
@@ -1554,7 +1526,7 @@ Test(writeback, removed_volume_with_dirty_data_is_refused_unless_discarded)
 
 	th_fmt(cfg, sizeof(cfg), "%s/refused.json", tdir);
 	th_fmt(sock, sizeof(sock), "%s/nbd.sock", tdir);
-	before = slurp(cache_path, &len);
+	before = th_slurp(cache_path, &len);
 	for (int variant = 0; variant < 2; variant++) {
 		const char *expect[] = { "dirty", "discard_dirty", idtext, NULL };
 
@@ -1580,7 +1552,7 @@ Test(writeback, removed_volume_with_dirty_data_is_refused_unless_discarded)
 		th_nbd_disconnect(h);
 		agent_stop_clean();
 		free(before);
-		before = slurp(cache_path, &len);
+		before = th_slurp(cache_path, &len);
 	}
 	free(before);
 	cr_assert(store_has_seed(a, 0, size, SEED_STORE), "a's store changed");
@@ -1643,7 +1615,7 @@ static void dev_layout(const char *path, uint16_t id, struct log_scan *s)
 	int best = -1;
 	bool found = false;
 
-	file_read(path, 0, sb, sizeof(sb));
+	th_file_read(path, 0, sb, sizeof(sb));
 	for (int i = 0; i < 2; i++) {
 		struct ft_cache_geometry g;
 		uint8_t uuid[16];
@@ -1683,7 +1655,7 @@ static void log_scan(const char *path, uint16_t id, struct log_scan *s)
 	dev_layout(path, id, s);
 	log = malloc(s->g.log_bytes);
 	cr_assert_not_null(log);
-	file_read(path, s->g.log_offset, log, s->g.log_bytes);
+	th_file_read(path, s->g.log_offset, log, s->g.log_bytes);
 	s->pages = malloc(cap * sizeof(*s->pages));
 	cr_assert_not_null(s->pages);
 	for (uint64_t off = 0; off < s->g.log_bytes; off += BLK) {
@@ -1807,7 +1779,7 @@ static void corrupt_refused_restored(uint64_t off, const struct model *md, uint6
 	th_fmt(sock, sizeof(sock), "%s/nbd.sock", tdir);
 	write_agent_cfg(cfg, agent_vols, agent_extra);
 	flip_byte(cache_path, off, 0x10);
-	before = slurp(cache_path, &len);
+	before = th_slurp(cache_path, &len);
 	for (int attempt = 1; attempt <= 2; attempt++) {
 		out = expect_refused(cfg, sock, expect, what);
 		cr_assert(contains_any_ci(out, problem),
