@@ -7,6 +7,8 @@
 #   make check TSAN=1      the same under ThreadSanitizer (separate build tree)
 #   make bench           pass-through benchmark (tests/bench), not part of check
 #   make bench-cache     read-cache benchmark against nbdkit's cache filter
+#   make bench-writeback write-back benchmark (tests/bench/write-back.sh)
+#   make soak            long crash tests: power cuts and kill -9 under fio
 #   make install         PREFIX=/usr/local DESTDIR=
 
 PREFIX  ?= /usr/local
@@ -50,7 +52,7 @@ INTEG_SRCS := $(wildcard tests/integration/*.c)
 INTEG_BINS := $(INTEG_SRCS:tests/integration/%.c=$(BUILD)/tests/integration/%)
 TEST_LIBS := -lcriterion
 
-.PHONY: all run check test-programs bench-cache check-unit check-integration bench cachesim install uninstall clean format deps
+.PHONY: all run check test-programs bench-cache bench-writeback soak check-unit check-integration bench cachesim install uninstall clean format deps
 
 all: $(AGENT)
 
@@ -99,6 +101,14 @@ bench: $(AGENT)
 # Read cache against nbdkit's cache filter and the SAN direct (1 ms SAN).
 bench-cache: $(AGENT)
 	AGENT=$(abspath $(AGENT)) tests/bench/cache-read.sh
+
+bench-writeback: $(AGENT)
+	AGENT=$(abspath $(AGENT)) sh tests/bench/write-back.sh
+
+# The crash tests at length: 20000 power-cut points, then kill -9 under fio.
+soak: $(AGENT) $(BUILD)/tests/integration/test_writeback_powercut
+	FT_SOAK=1 AGENT=$(abspath $(AGENT)) $(BUILD)/tests/integration/test_writeback_powercut --jobs=2 --timeout 0
+	FT_SOAK=1 AGENT=$(abspath $(AGENT)) sh tests/soak/writeback-fio.sh
 
 # Replacement-policy simulator: links the agent's own cache directory.
 CACHESIM_SRCS := $(wildcard tests/bench/cachesim/*.c)

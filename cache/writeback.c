@@ -346,6 +346,7 @@ struct wb_page_io {
 	uint64_t page_seq, seg_seq;
 	uint64_t last_rec; /* the largest record seq in it (0: none) */
 	bool done;
+	int error;
 	uint32_t n;
 	struct wb_pent ents[];
 };
@@ -370,20 +371,23 @@ static void op_logged(struct cache_op *op)
 	op_write_done(op, op->error);
 }
 
-static void page_end_io(struct ft_bio *bio, int error)
+/*
+ * A page's writes are done: apply its records and complete its ops. Pages
+ * are processed in page order, only once every earlier page completed: a
+ * replay stops at the first page missing, so a write must not be
+ * acknowledged while a page before its own could still be lost (kill -9
+ * loses no acknowledged write).
+ */
+static void page_process(struct cache_vol *v, struct wb_page_io *pio)
 {
-	struct wb_page_io *pio = (struct wb_page_io *)bio;
-	struct cache_vol *v = pio->v;
 	struct wb_vol *w = &v->wb;
-	struct cache_part *p = v->part;
-	struct wb_seg *s = wb_seg_of(v, pio->seg_seq);
+	int error = pio->error;
 
-	s->busy--;
 	if (error) {
 		ft_stat_add(&v->stats->device_errors, 1);
 		ft_err("volume '%s': write-back log write failed: %s; failing the writes in it",
 		       v->cfg->name, strerror(-error));
-		if (!w->cut_seq || pio->page_seq < w->cut_seq) {
+		if (!w->cut_seq) {
 			/*
 			 * A hole in the stream: a replay stops there. Pages after it are
 			 * failed too (their data would not be replayed), and the stream
@@ -421,9 +425,25 @@ static void page_end_io(struct ft_bio *bio, int error)
 		if (error)
 			w->limbo_page = 0; /* the next page (the stream resumes) carries the tail */
 		else
-			part_wait_round(p, &w->limbo_wait);
+			part_wait_round(v->part, &w->limbo_wait);
 	}
-	/* Pages complete out of order: completed_seq only moves over a done prefix. */
+	/* Never past a failed page: no flush may claim it (recovery.c). */
+	if (!error) {
+		w->completed_seq = pio->page_seq;
+		if (pio->last_rec > w->completed_rec)
+			w->completed_rec = pio->last_rec;
+	}
+}
+
+static void page_end_io(struct ft_bio *bio, int error)
+{
+	struct wb_page_io *pio = (struct wb_page_io *)bio;
+	struct cache_vol *v = pio->v;
+	struct wb_vol *w = &v->wb;
+	struct cache_part *p = v->part;
+
+	wb_seg_of(v, pio->seg_seq)->busy--;
+	pio->error = error;
 	pio->done = true;
 	while (w->pages && w->pages->done) {
 		struct wb_page_io *d = w->pages;
@@ -431,12 +451,7 @@ static void page_end_io(struct ft_bio *bio, int error)
 		w->pages = d->next;
 		if (!w->pages)
 			w->pages_tail = &w->pages;
-		/* Never past a failed page: no flush may claim it (recovery.c). */
-		if (!(w->cut_seq && d->page_seq >= w->cut_seq && d->page_seq < w->cut_end)) {
-			w->completed_seq = d->page_seq;
-			if (d->last_rec > w->completed_rec)
-				w->completed_rec = d->last_rec;
-		}
+		page_process(v, d);
 		free(d->bio.buf);
 		free(d);
 	}
