@@ -165,6 +165,8 @@ static void destage_done(struct destage_io *d, int error)
 		w->backoff_ms = 0;
 		ft_stat_sub(&v->stats->destage_retrying, 1);
 	}
+	if (!w->dirty_blocks && !w->ranges) /* the tick, which keeps it, stops now */
+		__atomic_store_n(&v->stats->dirty_oldest_seconds, 0, __ATOMIC_RELAXED);
 	free(d->buf);
 	free(d);
 	part_io_put(v->part);
