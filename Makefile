@@ -7,6 +7,7 @@
 #   make check TSAN=1      the same under ThreadSanitizer (separate build tree)
 #   make bench           pass-through benchmark (tests/bench), not part of check
 #   make bench-cache     read-cache benchmark against nbdkit's cache filter
+#   make bench-writeback write-back benchmark against the cache device and nbdkit's cache filter
 #   make soak            long crash tests: power cuts and kill -9 under fio
 #   make install         PREFIX=/usr/local DESTDIR=
 
@@ -51,7 +52,7 @@ INTEG_SRCS := $(wildcard tests/integration/*.c)
 INTEG_BINS := $(INTEG_SRCS:tests/integration/%.c=$(BUILD)/tests/integration/%)
 TEST_LIBS := -lcriterion
 
-.PHONY: all run check test-programs bench-cache soak check-unit check-integration bench cachesim install uninstall clean format deps
+.PHONY: all run check test-programs bench-cache bench-writeback soak check-unit check-integration bench cachesim install uninstall clean format deps
 
 all: $(AGENT)
 
@@ -100,6 +101,11 @@ bench: $(AGENT)
 # Read cache against nbdkit's cache filter and the SAN direct (1 ms SAN).
 bench-cache: $(AGENT)
 	AGENT=$(abspath $(AGENT)) tests/bench/cache-read.sh
+
+# Write-back against the cache device's own O_DIRECT writes and nbdkit's
+# cache filter (cache=writeback), 1 ms SAN; data-loss check under reclaim.
+bench-writeback: $(AGENT)
+	AGENT=$(abspath $(AGENT)) tests/bench/write-back.sh
 
 # The crash tests at length: 20000 power-cut points, then kill -9 under fio.
 soak: $(AGENT) $(BUILD)/tests/integration/test_writeback_powercut
