@@ -110,7 +110,7 @@ bench-writeback: $(AGENT)
 # The crash tests at length: 20000 power-cut points, then kill -9 under fio.
 soak: $(AGENT) $(BUILD)/tests/integration/test_writeback_powercut
 	FT_SOAK=1 AGENT=$(abspath $(AGENT)) $(BUILD)/tests/integration/test_writeback_powercut --jobs=2 --timeout 0
-	FT_SOAK=1 AGENT=$(abspath $(AGENT)) sh tests/soak/writeback-fio.sh
+	FT_SOAK=1 AGENT=$(abspath $(AGENT)) sh tests/integration/interop-writeback-fio.sh
 
 # Replacement-policy simulator: links the agent's own cache directory.
 CACHESIM_SRCS := $(wildcard tests/bench/cachesim/*.c)

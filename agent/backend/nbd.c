@@ -19,6 +19,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "flashtier/backend.h"
 #include "flashtier/log.h"
@@ -272,6 +273,22 @@ static void nb_kick_fn(struct ft_deferred *d)
 	}
 }
 
+/*
+ * Is there anything to read (or has the peer closed)? A POLLIN completion
+ * can be stale by the time it runs: libnbd reads replies itself while it
+ * sends (when a send would block). Notifying libnbd of a read that is not
+ * there moves it from READY into REPLY.START, where it waits for a reply
+ * and sends no queued command -- with no command out, that wait never ends
+ * and the store hangs. So ask the socket first.
+ */
+static bool socket_has_input(int fd)
+{
+	char byte;
+	ssize_t n = recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+
+	return n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
 static void nb_poll_done(struct nbd_backend *nb, int res, bool readable)
 {
 	int rc = 0;
@@ -286,7 +303,9 @@ static void nb_poll_done(struct nbd_backend *nb, int res, bool readable)
 		ft_err("nbd backend %s: poll: %s", nb->uri, strerror(-res));
 		return;
 	}
-	if (readable)
+	if (readable && !socket_has_input(nb->fd)) {
+		/* Stale: see socket_has_input(). Wait for the next POLLIN. */
+	} else if (readable)
 		rc = nbd_aio_notify_read(nb->h);
 	else if (nbd_aio_get_direction(nb->h) & LIBNBD_AIO_DIRECTION_WRITE)
 		rc = nbd_aio_notify_write(nb->h);

@@ -52,8 +52,9 @@ ft_cleanup() {
 			tail -n 40 "$f" >&2
 		done
 	fi
+	# FT_KEEP=1 keeps the working directory (for a look after a failure).
 	case ${T:-} in
-	/tmp/ft-test.*) rm -rf "$T" ;;
+	/tmp/ft-test.*) [ "${FT_KEEP:-0}" = 1 ] && echo "kept $T" >&2 || rm -rf "$T" ;;
 	esac
 	exit "$rc"
 }
