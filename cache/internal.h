@@ -405,8 +405,12 @@ void wb_apply_range(struct cache_vol *v, uint64_t b0, uint64_t nb, uint64_t seq,
 		    uint64_t seg_seq);
 /* The pending large range holding @b, if any. */
 struct wb_range *wb_range_of(const struct cache_vol *v, uint64_t b);
-/* Take a segment from the pool (any thread); UINT32_MAX if none. */
-uint32_t wb_seg_alloc(struct ft_cache *c);
+/*
+ * Take a segment from the pool (any thread); UINT32_MAX if none. Only a
+ * @claim (a page that will carry a tail claim releasing segments in limbo)
+ * may take the last one.
+ */
+uint32_t wb_seg_alloc(struct ft_cache *c, bool claim);
 void wb_seg_release(struct ft_cache *c, uint32_t index);
 uint64_t wb_log_used(const struct cache_vol *v);
 /* Bytes not yet on the store (blocks and pending ranges). */

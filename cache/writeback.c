@@ -106,12 +106,14 @@ void wb_map_del(struct wb_map *m, struct wb_ent *e)
 
 /* ---- segments ---- */
 
-uint32_t wb_seg_alloc(struct ft_cache *c)
+uint32_t wb_seg_alloc(struct ft_cache *c, bool claim)
 {
+	/* One segment is held back for tail claims (see open_segment()). */
+	uint32_t keep = claim || c->nsegs < 2 ? 0 : 1;
 	uint32_t idx = UINT32_MAX;
 
 	pthread_mutex_lock(&c->seg_lock);
-	if (c->nfree) {
+	if (c->nfree > keep) {
 		idx = c->seg_free[--c->nfree];
 		c->seg_used[idx] = 1;
 	}
@@ -307,7 +309,19 @@ void wb_apply_range(struct cache_vol *v, uint64_t b0, uint64_t nb, uint64_t seq,
 	ft_stat_add(&v->stats->dirty_bytes, nb * BLK);
 }
 
-/* Open a new head segment. False if the volume is at its limit or the pool is empty. */
+/*
+ * Open a new head segment. False if the volume is at its limit or the pool
+ * is empty.
+ *
+ * Segments given back wait in limbo until a durable page claims the tail
+ * past them (W4), and that page needs room in the log: with the head full
+ * and every other segment in use or in limbo, nothing could ever be freed
+ * again. So the pool holds one segment back that only a page carrying
+ * such a claim may take; the claim frees at least one segment, which
+ * refills the reserve. A crash before the claim is durable leaves the
+ * reserve segment outside every stream (nothing in it verifies as a later
+ * page of one), so a restart always finds a segment free to resume in.
+ */
 static bool open_segment(struct cache_vol *v)
 {
 	struct wb_vol *w = &v->wb;
@@ -316,7 +330,7 @@ static bool open_segment(struct cache_vol *v)
 
 	if (wb_log_used(v) + FT_WLOG_SEG_BYTES > w->limit)
 		return false;
-	idx = wb_seg_alloc(v->cache);
+	idx = wb_seg_alloc(v->cache, w->nlimbo && !w->limbo_page);
 	if (idx == UINT32_MAX)
 		return false;
 	s = wb_seg_of(v, w->head + 1);

@@ -1112,6 +1112,90 @@ Test(writeback, dirty_limit_throttles_writes_without_failing_them)
 	model_free(&md);
 }
 
+/* @n random whole-block writes over the first @nblocks blocks (distinct within any 32). */
+static void random_block_writes(struct aio_write *w, int n, uint64_t nblocks, uint32_t seed0,
+				struct xorshift *x)
+{
+	for (int i = 0; i < n; i++) {
+		uint64_t b;
+		bool clash;
+
+		do { /* requests in flight together must not overlap */
+			b = xs_next(x) % nblocks;
+			clash = false;
+			for (int j = i > 31 ? i - 31 : 0; j < i; j++)
+				clash = clash || w[j].off == b * BLK;
+		} while (clash);
+		w[i] = (struct aio_write){ b * BLK, BLK, seed0 + (uint32_t)i };
+	}
+}
+
+/*
+ * The smallest log (4 segments), all of it this volume's limit, 4 KiB
+ * random writes at queue depth 32 over four times the log: the log fills
+ * up, every segment goes through limbo again and again, and the writes must
+ * keep completing (a full head with the pool empty and segments waiting for
+ * a tail claim once wedged the volume for good). Then kill -9 with the log
+ * full, and the restart -- which finds every segment in use -- must go on
+ * taking writes too.
+ */
+Test(writeback, a_full_log_never_wedges_the_volume)
+{
+	enum { N = 4096, QD = 32 };
+	const uint64_t size = 16 * MiB;
+	static const char *const vols[] = { "disk", NULL };
+	static const char *const filters[] = { "--filter=delay", NULL };
+	static const char *const params[] = { "wdelay=1ms", NULL };
+	char store[320], uri[400], vol[1024];
+	struct aio_write *w = calloc(N, sizeof(*w));
+	struct xorshift x = { 777 };
+	struct nbd_handle *h;
+	struct model md;
+	unsigned failed;
+	double t0, used;
+
+	cr_assert_not_null(w);
+	th_mkdtemp(tdir, sizeof(tdir));
+	make_store("san.img", size, SEED_STORE, store, sizeof(store));
+	san_start("san", store, filters, params, uri, sizeof(uri));
+	cache_in_tdir("32M", "4M");
+	wb_vol(vol, sizeof(vol), "disk", uri, ", \"dirty_max_age\": 3600");
+	th_fmt(agent_vols, sizeof(agent_vols), "{ %s }", vol);
+	agent_start();
+	cr_assert_eq(m(LOGLIMIT, "disk"), 4 * MiB);
+	model_init(&md, size, SEED_STORE);
+	h = th_nbd_connect(&agent, "disk");
+
+	t0 = th_now_ms();
+	random_block_writes(w, N, size / BLK, 5000, &x);
+	failed = aio_writes(h, &md, w, N, QD, NULL, 60000);
+	cr_assert_eq(failed, 0);
+	fprintf(stderr, "full log: %d writes in %.0f ms, %.0f throttled\n", N, th_now_ms() - t0,
+		m(THROTTLED, "disk"));
+	cr_assert_gt(m(THROTTLED, "disk"), 0, "16 MiB through a 4 MiB log, no write throttled");
+
+	/* Fill it again and kill -9 while it is full. */
+	random_block_writes(w, 1024, size / BLK, 9000, &x);
+	cr_assert_eq(aio_writes(h, &md, w, 1024, QD, NULL, 60000), 0);
+	used = m(LOGUSED, "disk");
+	agent_kill9();
+	th_nbd_close(h);
+	fprintf(stderr, "full log: killed with %.0f of %d bytes of log in use\n", used, 4 * MiB);
+
+	agent_start();
+	h = th_nbd_connect(&agent, "disk");
+	random_block_writes(w, N, size / BLK, 13000, &x);
+	failed = aio_writes(h, &md, w, N, QD, NULL, 60000);
+	cr_assert_eq(failed, 0);
+	mcheck(h, &md, 0, size, "whole volume after the restart and more writes");
+	drain(vols, 40000);
+	mcheck_store(store, &md, 0, size, "after the drain");
+	th_nbd_disconnect(h);
+	agent_stop_clean();
+	model_free(&md);
+	free(w);
+}
+
 /*
  * Below dirty_high nothing is destaged; above it destaging starts, and it
  * stops again at dirty_low, keeping the rest dirty.
