@@ -19,6 +19,8 @@
 #                       on allocated blocks), "log_size": LOG_SIZE, the
 #                       volume in write-back mode with its default
 #                       dirty_limit (the whole log), 1 reactor
+#   nbdkit-memory       nbdkit memory (QD1 only): the NBD round trip with no
+#                       I/O behind it, the floor any NBD server starts from
 #   nbdkit-cache        nbdkit --filter=cache nbd socket=SAN cache=writeback
 #                       cache-min-block-size=4096 (no cache-max-size: nothing
 #                       is reclaimed), its cache file in BENCH_CACHE_DIR
@@ -258,6 +260,12 @@ start_system() {
 		SERVER_PID=$!
 		wait_socket "$SERVER_PID" "$SOCK" "$SYSTEM"
 		;;
+	nbdkit-memory)
+		taskset -c "$SERVER_CPU" nbdkit --foreground --unix "$SOCK" --exit-with-parent \
+			memory "${SIZE_MIB}M" >"$WORK/$SYSTEM.log" 2>&1 &
+		SERVER_PID=$!
+		wait_socket "$SERVER_PID" "$SOCK" "$SYSTEM"
+		;;
 	nbdkit-cache | nbdkit-cache-small)
 		rm -rf "${CACHE_DIR:?}/nbdkit-tmp"
 		mkdir -p "$CACHE_DIR/nbdkit-tmp"
@@ -440,11 +448,12 @@ verify_run() {
 # ---------------------------------------------------------------- run
 systems_for() {
 	case $1 in
-	randwrite-qd1 | randwrite-qd32) echo device-direct flashtierd nbdkit-cache ;;
+	randwrite-qd1) echo device-direct flashtierd nbdkit-cache nbdkit-memory ;;
+	randwrite-qd32) echo device-direct flashtierd nbdkit-cache ;;
 	verify) echo flashtierd-small nbdkit-cache-small ;;
 	esac
 }
-all_systems="device-direct flashtierd nbdkit-cache flashtierd-small nbdkit-cache-small"
+all_systems="device-direct flashtierd nbdkit-cache nbdkit-memory flashtierd-small nbdkit-cache-small"
 for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
 	for WORKLOAD in "${selected[@]}"; do
 		echo "== round $ROUND/$ROUNDS: $WORKLOAD"

@@ -32,6 +32,7 @@ LABELS = {
     "device-direct": "cache device, fio O_DIRECT",
     "flashtierd": "flashtierd write-back",
     "nbdkit-cache": "nbdkit cache filter (writeback)",
+    "nbdkit-memory": "nbdkit memory (the NBD round trip, no I/O)",
     "flashtierd-small": "flashtierd, small dirty_limit",
     "nbdkit-cache-small": "nbdkit cache filter, small cache-max-size",
 }
@@ -351,6 +352,13 @@ def cmd_summarize(args):
     p("")
     met = [c["met"] for c in checks]
     p(f"**{met.count('yes')} of {len(met)} targets met.**")
+    qd1 = per_round.get("randwrite-qd1", {})
+    if "nbdkit-memory" in qd1 and "device-direct" in qd1:
+        floor = ratio_stats(qd1["nbdkit-memory"], qd1["device-direct"], "lat_p50_us")
+        p("")
+        p("Context for (a): an NBD server that does no I/O at all (nbdkit memory) answers a "
+          "QD1 4K write in " + fmt_range(floor) + " the device's write latency: the round trip "
+          "alone, before any server writes anything.")
     p("")
     if verify:
         p("## (c) Write, then verify (crc32c)")

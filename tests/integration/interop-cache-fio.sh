@@ -36,18 +36,7 @@ FT_FIO_SHOW_JSON=1 # fio's JSON too when a run fails
 
 # metric NAME VOLUME: a cache counter of VOLUME from /metrics.
 metric() {
-	python3 - "$PORT" "$1" "$2" <<'EOF'
-import sys, urllib.request
-port, name, vol = sys.argv[1:]
-text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-want = f'{name}{{volume="{vol}",domain=""}} '
-for line in text.splitlines():
-    if line.startswith(want):
-        print(int(float(line[len(want):])))
-        break
-else:
-    sys.exit(f"metric {want} not found")
-EOF
+	ft_metric "$PORT" "$1" "$2"
 }
 
 bssplit_of() {

@@ -109,18 +109,7 @@ EOF
 
 # metric NAME VOLUME: a per-volume metric from /metrics, as an integer.
 metric() {
-	python3 - "$PORT" "$1" "$2" <<'EOF'
-import sys, urllib.request
-port, name, vol = sys.argv[1:]
-text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-want = f'{name}{{volume="{vol}",domain=""}} '
-for line in text.splitlines():
-    if line.startswith(want):
-        print(int(float(line[len(want):])))
-        break
-else:
-    sys.exit(f"metric {want} not found")
-EOF
+	ft_metric "$PORT" "$1" "$2"
 }
 
 # rnd ROUND LO HI: a seeded random number in [LO, HI] (two decimals).

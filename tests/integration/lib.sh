@@ -159,6 +159,23 @@ ft_fio() {
 	fi
 }
 
+# ft_metric PORT NAME VOLUME: a per-volume metric from the agent's /metrics
+# on 127.0.0.1:PORT, as an integer; fails if it is not there.
+ft_metric() {
+	python3 - "$1" "$2" "$3" <<'EOF'
+import sys, urllib.request
+port, name, vol = sys.argv[1:]
+text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+want = f'{name}{{volume="{vol}",domain=""}} '
+for line in text.splitlines():
+    if line.startswith(want):
+        print(int(float(line[len(want):])))
+        break
+else:
+    sys.exit(f"metric {want} not found")
+EOF
+}
+
 # ft_uri EXPORT: the agent's URI for EXPORT.
 ft_uri() {
 	echo "nbd+unix:///$1?socket=$AGENT_SOCK"

@@ -352,6 +352,29 @@ static void san_start(const char *name, const char *file, const char *const *fil
 	th_fmt(uri, len, "nbd+unix:///?socket=%s", sock);
 }
 
+/*
+ * The usual start: tdir, a store of @size bytes of th_fill(SEED_STORE)
+ * served by a SAN (nbdkit file behind @filters with @params, both may be
+ * NULL), a cache of @cache_size with a @log_size log, one write-back
+ * volume "disk" on the SAN with the extra cache members @more, and the
+ * agent running. The store's path goes to @store, the SAN's URI to @uri
+ * (both 320 and 400 bytes, as the tests declare them).
+ */
+static void disk_on_san(uint64_t size, const char *const *filters, const char *const *params,
+			const char *cache_size, const char *log_size, const char *more,
+			char store[320], char uri[400])
+{
+	char vol[1024];
+
+	th_mkdtemp(tdir, sizeof(tdir));
+	make_store("san.img", size, SEED_STORE, store, 320);
+	san_start("san", store, filters, params, uri, 400);
+	cache_in_tdir(cache_size, log_size);
+	wb_vol(vol, sizeof(vol), "disk", uri, more);
+	th_fmt(agent_vols, sizeof(agent_vols), "{ %s }", vol);
+	agent_start();
+}
+
 /* ---- a byte model of a volume ---- */
 
 /*
@@ -577,18 +600,12 @@ Test(writeback, writes_are_acknowledged_from_the_log_and_drained_on_sigusr1)
 	enum { N = 32, BIG = 64 * KiB };
 	const uint64_t size = 16 * MiB, big_off = 8 * MiB;
 	static const char *const vols[] = { "disk", NULL };
-	char store[320], uri[400], vol[1024];
+	char store[320], uri[400];
 	struct nbd_handle *h, *h2;
 	struct model md;
 	double dirty;
 
-	th_mkdtemp(tdir, sizeof(tdir));
-	make_store("san.img", size, SEED_STORE, store, sizeof(store));
-	san_start("san", store, NULL, NULL, uri, sizeof(uri));
-	cache_in_tdir("64M", "16M");
-	wb_vol(vol, sizeof(vol), "disk", uri, KEEP_DIRTY);
-	th_fmt(agent_vols, sizeof(agent_vols), "{ %s }", vol);
-	agent_start();
+	disk_on_san(size, NULL, NULL, "64M", "16M", KEEP_DIRTY, store, uri);
 	model_init(&md, size, SEED_STORE);
 
 	cr_assert_eq(mg(LOGSIZE), 16 * MiB, "log size");
@@ -664,20 +681,15 @@ Test(writeback, dirty_max_age_destages_old_data_without_a_drain)
 	 * data is still dirty for a whole second in which it must read >= 1.
 	 */
 	const uint64_t size = 16 * MiB;
-	char store[320], uri[400], vol[1024];
+	char store[320], uri[400];
 	struct nbd_handle *h;
 	struct model md;
 	double t0, t_acked, t_store = 0, oldest_max = 0, oldest_late = -1, end;
 	long mark;
 
-	th_mkdtemp(tdir, sizeof(tdir));
-	make_store("san.img", size, SEED_STORE, store, sizeof(store));
-	san_start("san", store, NULL, NULL, uri, sizeof(uri));
-	cache_in_tdir("64M", "16M");
-	wb_vol(vol, sizeof(vol), "disk", uri,
-	       ", \"dirty_max_age\": 2, \"dirty_high\": \"90%\", \"dirty_low\": \"80%\"");
-	th_fmt(agent_vols, sizeof(agent_vols), "{ %s }", vol);
-	agent_start();
+	disk_on_san(size, NULL, NULL, "64M", "16M",
+		    ", \"dirty_max_age\": 2, \"dirty_high\": \"90%\", \"dirty_low\": \"80%\"",
+		    store, uri);
 	mark = log_mark();
 	model_init(&md, size, SEED_STORE);
 	h = th_nbd_connect(&agent, "disk");
@@ -752,20 +764,14 @@ static void restart_keeps_dirty_data(bool kill9)
 	enum { ASYNC = 32 };
 	const uint64_t size = 16 * MiB;
 	static const char *const vols[] = { "disk", NULL };
-	char store[320], uri[400], vol[1024];
+	char store[320], uri[400];
 	struct aio_write w[ASYNC];
 	struct nbd_handle *h;
 	struct model md;
 	double dirty;
 	long mark;
 
-	th_mkdtemp(tdir, sizeof(tdir));
-	make_store("san.img", size, SEED_STORE, store, sizeof(store));
-	san_start("san", store, NULL, NULL, uri, sizeof(uri));
-	cache_in_tdir("64M", "16M");
-	wb_vol(vol, sizeof(vol), "disk", uri, KEEP_DIRTY);
-	th_fmt(agent_vols, sizeof(agent_vols), "{ %s }", vol);
-	agent_start();
+	disk_on_san(size, NULL, NULL, "64M", "16M", KEEP_DIRTY, store, uri);
 	model_init(&md, size, SEED_STORE);
 	h = th_nbd_connect(&agent, "disk");
 
@@ -1052,7 +1058,7 @@ Test(writeback, dirty_limit_throttles_writes_without_failing_them)
 	static const char *const vols[] = { "disk", NULL };
 	static const char *const filters[] = { "--filter=delay", NULL };
 	static const char *const params[] = { "wdelay=5ms", NULL };
-	char store[320], uri[400], vol[1024];
+	char store[320], uri[400];
 	struct aio_write w[PASS1];
 	unsigned perm[NCHUNKS], failed;
 	struct xorshift x = { 12345 };
@@ -1060,13 +1066,8 @@ Test(writeback, dirty_limit_throttles_writes_without_failing_them)
 	struct model md;
 	double t0;
 
-	th_mkdtemp(tdir, sizeof(tdir));
-	make_store("san.img", size, SEED_STORE, store, sizeof(store));
-	san_start("san", store, filters, params, uri, sizeof(uri));
-	cache_in_tdir("48M", "16M");
-	wb_vol(vol, sizeof(vol), "disk", uri, ", \"dirty_limit\": \"4M\", \"dirty_max_age\": 3600");
-	th_fmt(agent_vols, sizeof(agent_vols), "{ %s }", vol);
-	agent_start();
+	disk_on_san(size, filters, params, "48M", "16M",
+		    ", \"dirty_limit\": \"4M\", \"dirty_max_age\": 3600", store, uri);
 	model_init(&md, size, SEED_STORE);
 	thr_limit = m(LOGLIMIT, "disk");
 	cr_assert_eq(thr_limit, 4 * MiB);
@@ -1146,7 +1147,7 @@ Test(writeback, a_full_log_never_wedges_the_volume)
 	static const char *const vols[] = { "disk", NULL };
 	static const char *const filters[] = { "--filter=delay", NULL };
 	static const char *const params[] = { "wdelay=1ms", NULL };
-	char store[320], uri[400], vol[1024];
+	char store[320], uri[400];
 	struct aio_write *w = calloc(N, sizeof(*w));
 	struct xorshift x = { 777 };
 	struct nbd_handle *h;
@@ -1155,13 +1156,7 @@ Test(writeback, a_full_log_never_wedges_the_volume)
 	double t0, used;
 
 	cr_assert_not_null(w);
-	th_mkdtemp(tdir, sizeof(tdir));
-	make_store("san.img", size, SEED_STORE, store, sizeof(store));
-	san_start("san", store, filters, params, uri, sizeof(uri));
-	cache_in_tdir("32M", "4M");
-	wb_vol(vol, sizeof(vol), "disk", uri, ", \"dirty_max_age\": 3600");
-	th_fmt(agent_vols, sizeof(agent_vols), "{ %s }", vol);
-	agent_start();
+	disk_on_san(size, filters, params, "32M", "4M", ", \"dirty_max_age\": 3600", store, uri);
 	cr_assert_eq(m(LOGLIMIT, "disk"), 4 * MiB);
 	model_init(&md, size, SEED_STORE);
 	h = th_nbd_connect(&agent, "disk");
@@ -1205,20 +1200,15 @@ Test(writeback, watermarks_start_and_stop_destaging)
 	enum { CHUNK = 64 * KiB };
 	const uint64_t size = 16 * MiB, limit = 8 * MiB;
 	static const char *const vols[] = { "disk", NULL };
-	char store[320], uri[400], vol[1024];
+	char store[320], uri[400];
 	struct nbd_handle *h;
 	struct model md;
 	double destaged, dirty, stable_since, end;
 
-	th_mkdtemp(tdir, sizeof(tdir));
-	make_store("san.img", size, SEED_STORE, store, sizeof(store));
-	san_start("san", store, NULL, NULL, uri, sizeof(uri));
-	cache_in_tdir("64M", "16M");
-	wb_vol(vol, sizeof(vol), "disk", uri,
-	       ", \"dirty_limit\": \"8M\", \"dirty_high\": \"50%\", \"dirty_low\": \"25%\","
-	       " \"dirty_max_age\": 3600");
-	th_fmt(agent_vols, sizeof(agent_vols), "{ %s }", vol);
-	agent_start();
+	disk_on_san(size, NULL, NULL, "64M", "16M",
+		    ", \"dirty_limit\": \"8M\", \"dirty_high\": \"50%\", \"dirty_low\": \"25%\","
+		    " \"dirty_max_age\": 3600",
+		    store, uri);
 	model_init(&md, size, SEED_STORE);
 	cr_assert_eq(m(LOGLIMIT, "disk"), limit);
 	h = th_nbd_connect(&agent, "disk");
@@ -1395,13 +1385,7 @@ Test(writeback, mode_switch_at_restart_destages_then_writes_through)
 	struct model md;
 	long mark;
 
-	th_mkdtemp(tdir, sizeof(tdir));
-	make_store("san.img", size, SEED_STORE, store, sizeof(store));
-	san_start("san", store, NULL, NULL, uri, sizeof(uri));
-	cache_in_tdir("64M", "16M");
-	wb_vol(vol, sizeof(vol), "disk", uri, KEEP_DIRTY);
-	th_fmt(agent_vols, sizeof(agent_vols), "{ %s }", vol);
-	agent_start();
+	disk_on_san(size, NULL, NULL, "64M", "16M", KEEP_DIRTY, store, uri);
 	model_init(&md, size, SEED_STORE);
 	h = th_nbd_connect(&agent, "disk");
 	for (int i = 0; i < 64; i++)
