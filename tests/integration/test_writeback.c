@@ -1421,6 +1421,7 @@ Test(writeback, mode_switch_at_restart_destages_then_writes_through)
 	agent_stop_clean();
 
 	/* Back in write-back: the old log's records must not come back over the newer data. */
+	wb_vol(vol, sizeof(vol), "disk", uri, KEEP_DIRTY);
 	th_fmt(agent_vols, sizeof(agent_vols), "{ %s }", vol);
 	agent_start();
 	cr_assert_eq(m(DIRTY, "disk"), 0, "dirty data came back after the switch");
