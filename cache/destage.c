@@ -283,6 +283,7 @@ static bool destage_one(struct cache_vol *v, struct wb_seg *s, uint32_t young)
 	}
 	w->ring[ring].busy++;
 	d->rd.op = FT_BIO_READ;
+	d->rd.flags = FT_BIO_BUFFERED;
 	d->rd.offset = v->cache->dev->geo.log_offset + (uint64_t)e->loc * BLK;
 	d->rd.len = (uint64_t)n * BLK;
 	d->rd.buf = d->buf;

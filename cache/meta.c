@@ -122,15 +122,19 @@ static void round_end(struct cache_part *p)
 	p->round_active = false;
 	if (error) {
 		/* The records on disk are unknown now: nothing here may be trusted again. */
-		part_fail(p, "a mapping record write failed");
-		error = 0; /* part_fail() dropped the volumes' ids durably (or said it could not) */
+		part_fail(p, "a mapping record write or a flush failed");
+		/*
+		 * part_fail() dropped the read-cache volumes' ids durably (or said it
+		 * could not): their waiters go on regardless. A write-back FLUSH or
+		 * FUA waiting here must fail: its log pages are not known durable.
+		 */
 	}
 	if (p->waiters && p->waiters->need_round <= r) {
 		/* Everything the flushed round covered is on disk: forget those keys. */
 		memset(p->bloom_old, 0, BLOOM_BITS / 8);
 		p->bloom_old_any = false;
 		p->rounds_flushed = r;
-		if (p->round_flushing)
+		if (p->round_flushing && !error)
 			wb_part_flush_done(p);
 		fire_waiters(p, r, error);
 	}

@@ -6,7 +6,8 @@
  * Two descriptors: a buffered one, and an O_DIRECT one used whenever a
  * request's offset, length and buffer meet the device's direct-I/O
  * alignment. Mixing them is coherent for completed I/O: direct I/O writes
- * back and invalidates overlapping page-cache pages first.
+ * back and invalidates overlapping page-cache pages first. A request
+ * flagged FT_BIO_BUFFERED always takes the buffered descriptor.
  *
  * FLUSH is fdatasync; FUA is RWF_DSYNC on the write (or fdatasync after a
  * fallocate); TRIM and WRITE_ZEROES are fallocate, with a fallback to
@@ -75,8 +76,9 @@ static bool direct_ok(const struct file_backend *fb, const struct ft_bio *bio, c
 {
 	uint64_t mask = fb->dio_align - 1;
 
-	return fb->dfd >= 0 && ((bio->offset + bio->done) & mask) == 0 &&
-	       ((bio->len - bio->done) & mask) == 0 && ((uintptr_t)buf & mask) == 0;
+	return fb->dfd >= 0 && !(bio->flags & FT_BIO_BUFFERED) &&
+	       ((bio->offset + bio->done) & mask) == 0 && ((bio->len - bio->done) & mask) == 0 &&
+	       ((uintptr_t)buf & mask) == 0;
 }
 
 static void file_rw_done(struct ft_completion *c, int res, uint32_t flags);

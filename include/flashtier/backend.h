@@ -38,6 +38,13 @@ enum ft_bio_op {
 #define FT_BIO_FUA       (1u << 0) /* persist before completing */
 #define FT_BIO_NO_HOLE   (1u << 1) /* WRITE_ZEROES: keep the range allocated */
 #define FT_BIO_FAST_ZERO (1u << 2) /* WRITE_ZEROES: fail with -ENOTSUP unless fast */
+/*
+ * READ/WRITE: may go through the page cache rather than O_DIRECT (a hint).
+ * Completion then means "in the kernel's cache": the data survives the
+ * process, and a later FLUSH makes it durable, as on a disk with a
+ * volatile write cache.
+ */
+#define FT_BIO_BUFFERED (1u << 3)
 
 struct ft_bio {
 	enum ft_bio_op op;

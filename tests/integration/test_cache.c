@@ -1405,6 +1405,62 @@ Test(cache, failing_device_goes_passthrough_without_failing_requests)
 	cr_assert_eq(fuse_mnt[0], '\0', "could not unmount the nbdfuse mount");
 }
 
+/*
+ * Write-back on a cache device that fails for a moment: a FLUSH whose
+ * record round could not be written fails, and so does every later one,
+ * also once the device works again -- the log pages go through the page
+ * cache, and a failed write-back is reported only once, so no later flush
+ * proves they reached the device. Reads and writes go on, and the data
+ * acknowledged reads back right.
+ */
+Test(cache, writeback_flush_fails_for_good_after_a_device_failure)
+{
+	char backing[320], trigger[320];
+	struct nbd_handle *h;
+	long mark;
+	char *log;
+
+	th_mkdtemp(tdir, sizeof(tdir));
+	make_backing("disk.img", 16 * MiB, backing, sizeof(backing));
+	th_fmt(trigger, sizeof(trigger), "%s/inject-errors", tdir);
+	fuse_mount(trigger);
+	set_cache(NULL, "");
+	th_fmt(agent_vols, sizeof(agent_vols),
+	       "{ \"disk\": { \"backing\": \"%s\", \"cache\": { \"mode\": \"write-back\","
+	       " \"dirty_max_age\": 3600 } } }",
+	       backing);
+	mark = log_mark();
+	agent_start();
+	h = th_nbd_connect(&agent, "disk");
+	/* Block 100 clean in the read cache: a write to it must rewrite its record. */
+	read_expect(h, 100 * BLK, BLK, SEED_BACKING, "read, healthy device");
+	wait_cm(FILLS, "disk", 1, 5000);
+	for (int i = 0; i < 4; i++)
+		write_seed(h, (uint64_t)i * BLK, BLK, 70u + (unsigned)i);
+	cr_assert_eq(nbd_flush(h, 0), 0, "flush, healthy device: %s", nbd_get_error());
+
+	touch(trigger);
+	(void)nbd_pwrite(h, (char[BLK]){ 0 }, BLK, 100 * BLK, 0); /* may fail: the device does */
+	cr_assert_lt(nbd_flush(h, 0), 0, "FLUSH succeeded while the cache device fails");
+	cr_assert_eq(unlink(trigger), 0);
+
+	/* The device works again: writes and reads do, FLUSH does not. */
+	write_seed(h, 8 * BLK, BLK, 80);
+	for (int i = 0; i < 4; i++)
+		read_expect(h, (uint64_t)i * BLK, BLK, 70u + (unsigned)i, "read after the failure");
+	read_expect(h, 8 * BLK, BLK, 80, "read of a write after the failure");
+	cr_assert_lt(nbd_flush(h, 0), 0, "FLUSH succeeded after the device had failed");
+	th_nbd_disconnect(h);
+
+	log = log_since(mark);
+	cr_assert(strstr(log, "cannot be made durable"),
+		  "the log does not say why FLUSH fails:\n%s", log);
+	free(log);
+	agent_stop_clean();
+	fuse_unmount();
+	cr_assert_eq(fuse_mnt[0], '\0', "could not unmount the nbdfuse mount");
+}
+
 /* ---- which cached data belongs to which volume across restarts ---- */
 
 /*
