@@ -1316,6 +1316,19 @@ static void fuse_mount(const char *trigger)
 	}
 }
 
+/*
+ * A test's directory, a 16 MiB backing store there (@backing, 320 bytes)
+ * and the cache file on the nbdfuse device that fails while @trigger (320
+ * bytes, tdir/inject-errors) exists.
+ */
+static void failing_device_setup(char *backing, char *trigger)
+{
+	th_mkdtemp(tdir, sizeof(tdir));
+	make_backing("disk.img", 16 * MiB, backing, 320);
+	th_fmt(trigger, 320, "%s/inject-errors", tdir);
+	fuse_mount(trigger);
+}
+
 static void touch(const char *path)
 {
 	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -1332,10 +1345,7 @@ Test(cache, failing_device_goes_passthrough_without_failing_requests)
 	long mark;
 	char *log;
 
-	th_mkdtemp(tdir, sizeof(tdir));
-	make_backing("disk.img", 16 * MiB, backing, sizeof(backing));
-	th_fmt(trigger, sizeof(trigger), "%s/inject-errors", tdir);
-	fuse_mount(trigger);
+	failing_device_setup(backing, trigger);
 	th_fmt(more, sizeof(more), ", \"error_threshold\": %d", THRESHOLD);
 	set_cache(NULL, more);
 	th_fmt(agent_vols, sizeof(agent_vols), "{ \"disk\": { \"backing\": \"%s\" } }", backing);
@@ -1420,10 +1430,7 @@ Test(cache, writeback_flush_fails_for_good_after_a_device_failure)
 	long mark;
 	char *log;
 
-	th_mkdtemp(tdir, sizeof(tdir));
-	make_backing("disk.img", 16 * MiB, backing, sizeof(backing));
-	th_fmt(trigger, sizeof(trigger), "%s/inject-errors", tdir);
-	fuse_mount(trigger);
+	failing_device_setup(backing, trigger);
 	set_cache(NULL, "");
 	th_fmt(agent_vols, sizeof(agent_vols),
 	       "{ \"disk\": { \"backing\": \"%s\", \"cache\": { \"mode\": \"write-back\","
@@ -1773,10 +1780,7 @@ Test(cache, passthrough_writes_are_not_shadowed_after_device_recovers)
 	int64_t slots[N];
 	struct nbd_handle *h;
 
-	th_mkdtemp(tdir, sizeof(tdir));
-	make_backing("disk.img", 16 * MiB, backing, sizeof(backing));
-	th_fmt(trigger, sizeof(trigger), "%s/inject-errors", tdir);
-	fuse_mount(trigger);
+	failing_device_setup(backing, trigger);
 	th_fmt(more, sizeof(more), ", \"error_threshold\": %d", THRESHOLD);
 	set_cache(NULL, more);
 	th_fmt(agent_vols, sizeof(agent_vols), "{ \"disk\": { \"backing\": \"%s\" } }", backing);
